@@ -1,0 +1,244 @@
+"""The context-augmented UNet: a diffusers UNet2DConditionModel plus an adapter of new parameters.
+
+Context encoding follows Instruct-Imagen: each context image (VAE latent, or pixels for a pixel-space UNet)
+runs through the *same* UNet's input conv, down blocks and mid block (shared weights), conditioned on its
+marker text at a fixed clean timestep, with a learned per-modality embedding added to the time embedding.
+The features at each resolution level are kept; the new context cross-attention layers of that level attend
+to them (see context_attention.py).
+
+Levels are numbered by resolution: level i holds tensors downsampled i times (0 = input resolution); the mid
+block belongs to the lowest level. A down block's feature is its last output before downsampling; the
+lowest level's feature is the mid block's output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .context_attention import ContextAttention, ContextAttnProcessor, ContextBinding, ContextState
+from .instruction import DEFAULT_MODALITIES
+
+# UNet config keys that decide whether an adapter's layers fit a base.
+FINGERPRINT_KEYS = (
+    "in_channels", "block_out_channels", "down_block_types", "up_block_types", "mid_block_type",
+    "layers_per_block", "cross_attention_dim", "attention_head_dim", "num_attention_heads",
+    "transformer_layers_per_block", "addition_embed_type", "projection_class_embeddings_input_dim",
+)
+
+
+def base_fingerprint(unet) -> dict:
+    """The architecture facts an adapter depends on, JSON-ready."""
+    config = dict(unet.config)
+    facts = {}
+    for key in FINGERPRINT_KEYS:
+        value = config.get(key)
+        facts[key] = list(value) if isinstance(value, tuple) else value
+    return facts
+
+
+def fingerprint_digest(facts: dict) -> str:
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ContextAdapterConfig:
+    """What the adapter adds. `levels=None` picks the two lowest-resolution levels that have attention."""
+
+    levels: tuple[int, ...] | None = None
+    modalities: tuple[str, ...] = DEFAULT_MODALITIES
+    max_contexts: int = 8
+    num_freqs: int = 8
+    encode_timestep: int = 0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["levels"] = None if self.levels is None else list(self.levels)
+        data["modalities"] = list(self.modalities)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ContextAdapterConfig":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if known.get("levels") is not None:
+            known["levels"] = tuple(int(x) for x in known["levels"])
+        if "modalities" in known:
+            known["modalities"] = tuple(known["modalities"])
+        return cls(**known)
+
+
+_PROCESSOR_NAME = re.compile(r"^(down_blocks\.(\d+)|mid_block|up_blocks\.(\d+))\..*\.attn2\.processor$")
+
+
+def processor_level(name: str, num_levels: int) -> int | None:
+    """Resolution level of a cross-attention processor name, or None for other attention."""
+    match = _PROCESSOR_NAME.match(name)
+    if match is None:
+        return None
+    if match.group(2) is not None:
+        return int(match.group(2))
+    if match.group(3) is not None:
+        return num_levels - 1 - int(match.group(3))
+    return num_levels - 1
+
+
+def levels_with_attention(unet) -> list[int]:
+    num_levels = len(unet.config.block_out_channels)
+    found = {processor_level(name, num_levels) for name in unet.attn_processors}
+    return sorted(level for level in found if level is not None)
+
+
+def level_channels(unet, level: int) -> int:
+    return unet.config.block_out_channels[level]
+
+
+class ContextAdapter(nn.Module):
+    """Only the new parameters: modality embeddings and one ContextAttention per configured layer."""
+
+    def __init__(self, unet, config: ContextAdapterConfig):
+        super().__init__()
+        self.config = config
+        num_levels = len(unet.config.block_out_channels)
+        available = levels_with_attention(unet)
+        levels = config.levels if config.levels is not None else tuple(available[-2:])
+        missing = sorted(set(levels) - set(available))
+        if missing:
+            raise ValueError(f"levels: {missing} have no cross-attention in this UNet (available: {available})")
+        self.levels = tuple(sorted(levels))
+        time_dim = unet.time_embedding.linear_2.out_features
+        # Zero start: an untrained adapter encodes every modality exactly as the base would.
+        self.modality_embedding = nn.Embedding(len(config.modalities), time_dim)
+        nn.init.zeros_(self.modality_embedding.weight)
+        self.layers = nn.ModuleDict()
+        self.layer_levels: dict[str, int] = {}
+        attn_modules = dict(unet.named_modules())
+        for name in unet.attn_processors:
+            level = processor_level(name, num_levels)
+            if level not in self.levels:
+                continue
+            attn = attn_modules[name[: -len(".processor")]]
+            key = name.replace(".", "_")
+            self.layers[key] = ContextAttention(
+                query_dim=attn.to_q.in_features, context_dim=level_channels(unet, level),
+                inner_dim=attn.to_q.out_features, out_dim=attn.to_out[0].out_features,
+                heads=attn.heads, num_freqs=config.num_freqs,
+            )
+            with torch.no_grad():
+                self.layers[key].to_q.weight.copy_(attn.to_q.weight)
+            self.layer_levels[key] = level
+
+    def modality_index(self, modality: str) -> int:
+        try:
+            return self.config.modalities.index(modality)
+        except ValueError:
+            raise ValueError(f"modality: {modality!r} is not known to this adapter "
+                             f"(known: {', '.join(self.config.modalities)})") from None
+
+
+class ContextAugmentedUNet(nn.Module):
+    """A base UNet (frozen by default) with context cross-attention installed through attention processors."""
+
+    def __init__(self, unet, adapter_config: ContextAdapterConfig | None = None, adapter: ContextAdapter | None = None):
+        super().__init__()
+        self.unet = unet
+        self.adapter = adapter if adapter is not None else ContextAdapter(unet, adapter_config or ContextAdapterConfig())
+        self.binding = ContextBinding()
+        self.encoder_calls = 0  # how many times contexts were encoded: once per generation
+        self._install_processors()
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    @property
+    def device(self):
+        return self.unet.device
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.unet.config.block_out_channels)
+
+    def _install_processors(self):
+        processors = {}
+        for name, processor in self.unet.attn_processors.items():
+            key = name.replace(".", "_")
+            if isinstance(processor, ContextAttnProcessor):
+                processor = processor.base_processor
+            if key in self.adapter.layers:
+                processor = ContextAttnProcessor(processor, self.adapter.layers[key], self.adapter.layer_levels[key],
+                                                 key, self.binding)
+            processors[name] = processor
+        self.unet.set_attn_processor(processors)
+
+    def remove_processors(self):
+        """Give the base UNet back its original processors."""
+        self.unet.set_attn_processor({
+            name: p.base_processor if isinstance(p, ContextAttnProcessor) else p
+            for name, p in self.unet.attn_processors.items()
+        })
+
+    def _level_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
+        shapes = [(height, width)]
+        for _ in range(self.num_levels - 1):
+            height, width = (height + 1) // 2, (width + 1) // 2
+            shapes.append((height, width))
+        return shapes
+
+    def forward(self, sample, timestep, encoder_hidden_states, context_state: ContextState | None = None,
+                added_cond_kwargs: dict | None = None):
+        """One UNet evaluation with the contexts of `context_state` attended to (None: plain base UNet)."""
+        self.binding.state = context_state
+        self.binding.level_hw = self._level_shapes(*sample.shape[-2:])
+        try:
+            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                             added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+        finally:
+            self.binding.state = None
+
+    def encode_contexts(self, images: torch.Tensor, text_embeddings: torch.Tensor, modalities: list[str],
+                        added_cond_kwargs: dict | None = None) -> dict[int, torch.Tensor]:
+        """Run N context images through the UNet's own encoder: level -> (N, C, h, w) features."""
+        self.encoder_calls += 1
+        unet = self.unet
+        ids = torch.tensor([self.adapter.modality_index(m) for m in modalities], device=images.device)
+        timestep = torch.full((images.shape[0],), self.adapter.config.encode_timestep, device=images.device)
+        emb = self._time_embedding(images, timestep, text_embeddings, added_cond_kwargs)
+        emb = emb + self.adapter.modality_embedding(ids).to(emb.dtype)
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        hidden = unet.process_encoder_hidden_states(text_embeddings, added_cond_kwargs)
+        sample = unet.conv_in(images)
+        features = {}
+        self.binding.state = None  # contexts never attend to contexts
+        for level, block in enumerate(unet.down_blocks):
+            if getattr(block, "has_cross_attention", False):
+                sample, residuals = block(hidden_states=sample, temb=emb, encoder_hidden_states=hidden)
+            else:
+                sample, residuals = block(hidden_states=sample, temb=emb)
+            if level in self.adapter.levels:
+                features[level] = residuals[len(block.resnets) - 1]
+        lowest = self.num_levels - 1
+        if unet.mid_block is not None and lowest in self.adapter.levels:
+            if getattr(unet.mid_block, "has_cross_attention", False):
+                features[lowest] = unet.mid_block(sample, emb, encoder_hidden_states=hidden)
+            else:
+                features[lowest] = unet.mid_block(sample, emb)
+        return features
+
+    def _time_embedding(self, sample, timestep, text_embeddings, added_cond_kwargs):
+        unet = self.unet
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+        class_emb = unet.get_class_embed(sample=sample, class_labels=None)
+        if class_emb is not None:
+            emb = torch.cat([emb, class_emb], dim=-1) if unet.config.class_embeddings_concat else emb + class_emb
+        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=text_embeddings, added_cond_kwargs=added_cond_kwargs)
+        return emb + aug if aug is not None else emb
