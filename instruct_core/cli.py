@@ -1,0 +1,166 @@
+"""Command line: `python -m instruct_core generate ...` (also installed as `instruct-imagen`).
+
+Bad input ends with exit code 2 and one line naming what is wrong; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(ValueError):
+    """A command-line value that cannot be used."""
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny",
+                        help="base model: a single-file .safetensors checkpoint, a diffusers folder, "
+                             "or 'tiny' (a small random-weight model built in code)")
+    parser.add_argument("--adapter", default=None, help="context adapter .safetensors (default: a fresh one)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow loading .ckpt/.pt/.bin checkpoints (they can run code: trusted files only)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .guidance import GUIDANCE_MODES
+    from .samplers import SAMPLERS
+    from .schedules import SCHEDULES
+
+    parser = argparse.ArgumentParser(prog="instruct-imagen", description="Multi-modal instruction following "
+                                     "image generation (Instruct-Imagen) on diffusers UNets.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="follow one instruction JSON and write PNG images")
+    gen.add_argument("--instruction", required=True, help="instruction JSON file (format version 1)")
+    gen.add_argument("--out", required=True, help="output PNG; with --batch > 1, NAME_0.png, NAME_1.png, ...")
+    _add_model_arguments(gen)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--sampler", default="dpmpp_2m", choices=tuple(SAMPLERS))
+    gen.add_argument("--schedule", default="karras", choices=tuple(SCHEDULES))
+    gen.add_argument("--cfg-text", type=float, default=5.0, help="text guidance scale s_t")
+    gen.add_argument("--cfg-context", type=float, default=2.0, help="context guidance scale s_c")
+    gen.add_argument("--guidance", default="dual", choices=GUIDANCE_MODES)
+    gen.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--batch", type=int, default=1)
+    gen.add_argument("--init-image", default=None, help="start from this image (img2img)")
+    gen.add_argument("--denoise", type=float, default=1.0, help="with --init-image: how much to change it")
+    gen.add_argument("--root", default=None, help="refuse instruction image paths outside this folder")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def load_model(model: str, adapter: str | None, device: str, dtype: str, allow_pickle: bool = False):
+    """An InstructImagen from CLI-style arguments."""
+    from .loading import load_base, resolve_device, resolve_dtype
+    from .pipeline import InstructImagen
+    from .tiny import build_tiny_base
+
+    if model == "tiny":
+        target_device = resolve_device(device)
+        base = build_tiny_base()
+        base.unet.to(device=target_device, dtype=resolve_dtype(dtype, target_device))
+        for encoder in base.text_encoders:
+            encoder.to(target_device)
+    else:
+        base = load_base(model, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    return InstructImagen.from_base(base, adapter=adapter)
+
+
+def _progress_callback(total: int, quiet: bool):
+    if quiet:
+        return None, lambda: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="step", file=sys.stderr)
+    return (lambda info: bar.update(1)), bar.close
+
+
+def _load_init_image(path: str, width: int, height: int):
+    from PIL import Image, UnidentifiedImageError
+
+    from .instruction import prepare_context_image
+    from .pipeline import pil_to_tensor
+
+    try:
+        image = Image.open(path).convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise UsageError(f"--init-image: cannot read {path} ({error})") from None
+    return pil_to_tensor(prepare_context_image(image, (width, height)))[None]
+
+
+def run_generate(args) -> int:
+    from .guidance import GuidanceConfig
+    from .instruction import load_instruction
+
+    pipe = load_model(args.model, args.adapter, args.device, args.dtype, args.allow_pickle)
+    instruction = load_instruction(args.instruction, root=args.root, known_modalities=pipe.known_modalities,
+                                   max_contexts=pipe.max_contexts)
+    width = args.width or pipe.native_size
+    height = args.height or pipe.native_size
+    if args.batch < 1:
+        raise UsageError(f"--batch: {args.batch} must be at least 1")
+    init = _load_init_image(args.init_image, width, height) if args.init_image else None
+    if init is None and args.denoise != 1.0:
+        raise UsageError("--denoise: needs --init-image")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out: {out} must end in .png")
+    guidance = GuidanceConfig(text_scale=args.cfg_text, context_scale=args.cfg_context, mode=args.guidance)
+    callback, close = _progress_callback(args.steps, args.quiet)
+    try:
+        result = pipe.generate(instruction, seed=args.seed, steps=args.steps, sampler=args.sampler,
+                               schedule=args.schedule, guidance=guidance, width=width, height=height,
+                               batch_size=args.batch, init_image=init, denoise=args.denoise, callback=callback)
+    finally:
+        close()
+    for path in save_images(result.images, out):
+        print(path)
+    return 0
+
+
+def save_images(images, out: Path) -> list[Path]:
+    """Write (B, 3, H, W) images in [0, 1] as PNGs; atomic per file so a reader never sees half an image."""
+    import numpy as np
+    from PIL import Image
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if images.shape[0] == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
+                                                  for i in range(images.shape[0])]
+    for image, path in zip(images, paths):
+        array = (image.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+        tmp = path.with_name(path.name + ".tmp")
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    return paths
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    from .adapter_io import AdapterError
+    from .instruction import InstructionError
+    from .loading import ModelLoadError
+
+    return UsageError, InstructionError, AdapterError, ModelLoadError, FileNotFoundError
+
+
+COMMANDS = {"generate": run_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, whatever a library defaults to
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except _bad_input_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

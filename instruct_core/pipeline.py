@@ -1,0 +1,242 @@
+"""Glue from an instruction to images: encode once, sample, decode.
+
+    instruction ──encode_instruction──▶ Conditioning (text + ContextState, computed once)
+                 ──GuidedDenoiser + sampler──▶ model-space sample ──decode──▶ images in [0, 1]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .adapter_io import load_adapter
+from .context_attention import ContextState
+from .context_unet import ContextAdapterConfig, ContextAugmentedUNet
+from .denoiser import DiscreteDenoiser
+from .guidance import Conditioning, GuidanceConfig, GuidedDenoiser
+from .instruction import InstructionError, MultiModalInstruction, prepare_context_image, prepare_mask
+from .loading import BaseModel
+from .samplers import SAMPLERS, prepare_noise
+from .schedules import SCHEDULES, DiscreteSchedule, get_sigmas, sigmas_for_denoise
+
+MAX_PIXELS = 4096 * 4096
+
+
+@dataclass
+class GenerationResult:
+    images: torch.Tensor   # (B, 3, H, W) float in [0, 1], on the CPU
+    latents: torch.Tensor  # (B, C, h, w) raw VAE latents (unscaled), or pixels in [-1, 1] for pixel-space models
+    seed: int
+    info: dict = field(default_factory=dict)
+
+
+def pil_to_tensor(image) -> torch.Tensor:
+    """PIL image -> float tensor (C, H, W) in [0, 1]."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+class InstructImagen:
+    """A base model (UNet, text encoders, optional VAE) with a context adapter, ready to follow instructions."""
+
+    def __init__(self, base: BaseModel, model: ContextAugmentedUNet):
+        self.base = base
+        self.model = model
+        self.schedule = DiscreteSchedule.from_scheduler_config(base.scheduler_config)
+
+    @classmethod
+    def from_base(cls, base: BaseModel, adapter: str | None = None,
+                  adapter_config: ContextAdapterConfig | None = None) -> "InstructImagen":
+        if adapter is not None:
+            model = load_adapter(adapter, base.unet)
+        else:
+            model = ContextAugmentedUNet(base.unet, adapter_config).to(device=base.unet.device, dtype=base.unet.dtype)
+        return cls(base, model)
+
+    # -- facts -------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def known_modalities(self) -> tuple[str, ...]:
+        return tuple(self.model.adapter.config.modalities)
+
+    @property
+    def max_contexts(self) -> int:
+        return self.model.adapter.config.max_contexts
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per model-space cell: 8 for SD's VAE, 1 for a pixel-space UNet."""
+        if self.base.vae is None:
+            return 1
+        return 2 ** (len(self.base.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        return self.spatial_factor * 2 ** (self.model.num_levels - 1)
+
+    @property
+    def native_size(self) -> int:
+        return int(self.base.unet.config.sample_size) * self.spatial_factor
+
+    # -- encoding ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompt embeddings (N, L, D) and, for SDXL-style bases, pooled embeddings (N, P)."""
+        embeddings, pooled = [], None
+        use_penultimate = self.base.kind == "sdxl"
+        for tokenizer, encoder in zip(self.base.tokenizers, self.base.text_encoders):
+            tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                               truncation=True, return_tensors="pt").input_ids.to(encoder.device)
+            output = encoder(tokens, output_hidden_states=use_penultimate)
+            embeddings.append(output.hidden_states[-2] if use_penultimate else output[0])
+            if hasattr(output, "text_embeds"):
+                pooled = output.text_embeds
+        return torch.cat(embeddings, dim=-1).to(self.dtype), None if pooled is None else pooled.to(self.dtype)
+
+    def _added_cond(self, pooled, height: int, width: int) -> dict | None:
+        if pooled is None or self.base.unet.config.addition_embed_type != "text_time":
+            return None
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
+        return {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], -1)}
+
+    @torch.no_grad()
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) images in [0, 1] -> scaled VAE latents, or pixels in [-1, 1]."""
+        pixels = images.to(self.device) * 2 - 1
+        vae = self.base.vae
+        if vae is None:
+            return pixels.to(self.dtype)
+        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
+        return (latents * self.base.vae_scaling_factor).to(self.dtype)
+
+    @torch.no_grad()
+    def to_images(self, sample: torch.Tensor) -> torch.Tensor:
+        vae = self.base.vae
+        if vae is None:
+            pixels = sample.float()
+        else:
+            upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+            decoder = vae.to(torch.float32) if upcast else vae
+            pixels = decoder.decode(sample.to(decoder.dtype) / self.base.vae_scaling_factor).sample.float()
+            if upcast:
+                vae.to(torch.float16)
+        return ((pixels + 1) / 2).clamp(0, 1).cpu()
+
+    def check_size(self, width: int, height: int, batch_size: int) -> None:
+        multiple = self.size_multiple
+        for name, value in (("width", width), ("height", height)):
+            if value <= 0 or value % multiple:
+                raise InstructionError(f"{name}: {value} must be a positive multiple of {multiple} for this model")
+        if width * height * batch_size > MAX_PIXELS:
+            raise InstructionError(f"batch: {batch_size} images of {width}x{height} exceed the limit of "
+                                   f"{MAX_PIXELS} pixels per call")
+
+    @torch.no_grad()
+    def encode_instruction(self, instruction: MultiModalInstruction, width: int, height: int,
+                           batch_size: int = 1, resize_policy: str = "crop") -> Conditioning:
+        """Encode text and contexts once; the result serves every step of every sample in the batch."""
+        instruction.validate(known_modalities=self.known_modalities, max_contexts=self.max_contexts)
+        text, pooled = self.encode_text([instruction.text, instruction.negative])
+        cond = Conditioning(
+            text=text[:1].expand(batch_size, -1, -1), null_text=text[1:].expand(batch_size, -1, -1),
+            added_text=_expand(self._added_cond(None if pooled is None else pooled[:1], height, width), batch_size),
+            added_null=_expand(self._added_cond(None if pooled is None else pooled[1:], height, width), batch_size),
+        )
+        if instruction.contexts:
+            cond.context_state = self._encode_contexts(instruction, width, height, resize_policy).repeat_rows(batch_size)
+        return cond
+
+    def _encode_contexts(self, instruction, width, height, resize_policy) -> ContextState:
+        contexts = instruction.contexts
+        images = torch.stack([pil_to_tensor(prepare_context_image(c.image, (width, height), resize_policy))
+                              for c in contexts])
+        marker_embeds, marker_pooled = self.encode_text([c.marker_text for c in contexts])
+        features = self.model.encode_contexts(
+            self.to_model_space(images), marker_embeds, [c.modality for c in contexts],
+            added_cond_kwargs=self._added_cond(marker_pooled, height, width))
+        masks = None
+        if any(c.mask is not None for c in contexts):
+            masks = torch.stack([
+                pil_to_tensor(prepare_mask(c.mask, (width, height), resize_policy))[0] if c.mask is not None
+                else torch.ones(height, width) for c in contexts]).to(self.device)
+        weights = torch.tensor([float(c.weight) for c in contexts], device=self.device)
+        return ContextState.from_encoded(features, [list(range(len(contexts)))], weights, masks)
+
+    # -- sampling ----------------------------------------------------------------------------------------
+    def denoiser(self) -> DiscreteDenoiser:
+        def model_fn(x_in, t, cond):
+            return self.model(x_in.to(self.dtype), t.to(self.device), cond.text, cond.context_state,
+                              cond.added_cond_kwargs).float()
+        return DiscreteDenoiser(model_fn, self.schedule, self.base.prediction_type)
+
+    @torch.no_grad()
+    def generate(self, instruction: MultiModalInstruction, *, seed: int = 0, steps: int = 20,
+                 sampler: str = "dpmpp_2m", schedule: str = "karras", guidance: GuidanceConfig | None = None,
+                 width: int | None = None, height: int | None = None, batch_size: int = 1,
+                 init_image: torch.Tensor | None = None, denoise: float = 1.0,
+                 callback: Callable[[dict], None] | None = None) -> GenerationResult:
+        """Follow `instruction`. `init_image` (B or 1, 3, H, W) in [0, 1] with `denoise` < 1 is img2img;
+        `callback(info)` runs after every step and may raise SamplingCancelled to stop."""
+        width = width or self.native_size
+        height = height or self.native_size
+        if sampler not in SAMPLERS:
+            raise InstructionError(f"sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if schedule not in SCHEDULES:
+            raise InstructionError(f"schedule: {schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if not 1 <= steps <= 1000:
+            raise InstructionError(f"steps: {steps} must be between 1 and 1000")
+        if not 0.0 < denoise <= 1.0:
+            raise InstructionError(f"denoise: {denoise} must be in (0, 1]")
+        self.check_size(width, height, batch_size)
+        guidance = guidance or GuidanceConfig()
+        cond = self.encode_instruction(instruction, width, height, batch_size)
+        sigmas = self._sigmas(steps, schedule, denoise if init_image is not None else 1.0)
+        shape = (batch_size, self.base.unet.config.in_channels, height // self.spatial_factor,
+                 width // self.spatial_factor)
+        noise = prepare_noise(shape, seed).to(self.device)
+        x = noise * sigmas[0]
+        if init_image is not None:
+            x = x + self._init_sample(init_image, width, height, batch_size)
+        generator = torch.Generator("cpu").manual_seed(seed + 1)
+        guided = GuidedDenoiser(self.denoiser(), cond, guidance, sigmas)
+        sample = SAMPLERS[sampler](guided, x, sigmas.to(self.device), callback=callback, generator=generator)
+        latents = sample.float() / (self.base.vae_scaling_factor if self.base.vae is not None else 1.0)
+        return GenerationResult(self.to_images(sample), latents.cpu(), seed,
+                                {"steps": len(sigmas) - 1, "sampler": sampler, "schedule": schedule})
+
+    def _sigmas(self, steps: int, schedule: str, denoise: float) -> torch.Tensor:
+        if denoise >= 1.0:
+            return get_sigmas(self.schedule, steps, schedule).float()
+        return sigmas_for_denoise(lambda n: get_sigmas(self.schedule, n, schedule), steps, denoise).float()
+
+    def _init_sample(self, init_image: torch.Tensor, width: int, height: int, batch_size: int) -> torch.Tensor:
+        if init_image.dim() != 4 or init_image.shape[1] != 3 or tuple(init_image.shape[-2:]) != (height, width):
+            raise InstructionError(f"init_image: expected shape (B, 3, {height}, {width}), "
+                                   f"got {tuple(init_image.shape)}")
+        if init_image.shape[0] not in (1, batch_size):
+            raise InstructionError(f"init_image: batch {init_image.shape[0]} does not match batch {batch_size}")
+        sample = self.to_model_space(init_image).float()
+        return sample.expand(batch_size, -1, -1, -1)
+
+
+def _expand(added: dict | None, batch_size: int) -> dict | None:
+    if added is None:
+        return None
+    return {key: value.expand(batch_size, *value.shape[1:]) for key, value in added.items()}
+
+
+def round_to_multiple(value: int, multiple: int) -> int:
+    return max(multiple, int(math.floor(value / multiple)) * multiple)
