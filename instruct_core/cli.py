@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_model(model: str, adapter: str | None, device: str, dtype: str, allow_pickle: bool = False):
     """An InstructImagen from CLI-style arguments."""
+    import torch
+
     from .loading import load_base, resolve_device, resolve_dtype
     from .pipeline import InstructImagen
     from .tiny import build_tiny_base
@@ -66,7 +68,10 @@ def load_model(model: str, adapter: str | None, device: str, dtype: str, allow_p
     if model == "tiny":
         target_device = resolve_device(device)
         base = build_tiny_base()
-        base.unet.to(device=target_device, dtype=resolve_dtype(dtype, target_device))
+        target_dtype = resolve_dtype(dtype, target_device)
+        base.unet.to(target_device)
+        if target_dtype != torch.float32:
+            base.unet.to(dtype=target_dtype)
         for encoder in base.text_encoders:
             encoder.to(target_device)
     else:

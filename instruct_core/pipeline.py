@@ -190,8 +190,8 @@ class InstructImagen:
                  callback: Callable[[dict], None] | None = None) -> GenerationResult:
         """Follow `instruction`. `init_image` (B or 1, 3, H, W) in [0, 1] with `denoise` < 1 is img2img;
         `callback(info)` runs after every step and may raise SamplingCancelled to stop."""
-        width = width or self.native_size
-        height = height or self.native_size
+        width = self.native_size if width is None else width
+        height = self.native_size if height is None else height
         if sampler not in SAMPLERS:
             raise InstructionError(f"sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
         if schedule not in SCHEDULES:

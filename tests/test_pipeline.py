@@ -1,0 +1,162 @@
+"""End to end on tiny models: encode once, one batched UNet call per evaluation, seeds, img2img, cancel."""
+
+import pytest
+import torch
+from PIL import Image
+
+from instruct_core.guidance import GuidanceConfig, GuidedDenoiser
+from instruct_core.instruction import Context, InstructionError, MultiModalInstruction
+from instruct_core.pipeline import InstructImagen
+from instruct_core.samplers import SAMPLERS, SamplingCancelled
+from instruct_core.tiny import build_tiny_base
+
+
+def _instruction(num_contexts=2, size=32):
+    colours = [(200, 30, 30), (30, 30, 200), (30, 200, 30)]
+    modalities = ["subject", "edge", "style"]
+    contexts = [Context(id=i + 1, modality=modalities[i], text=f"[ref#{i + 1}] thing {i}",
+                        image=Image.new("RGB", (size, size), colours[i])) for i in range(num_contexts)]
+    refs = " and ".join(f"[ref#{i + 1}]" for i in range(num_contexts))
+    return MultiModalInstruction(text=f"a picture of {refs}" if refs else "a picture", contexts=contexts)
+
+
+@pytest.fixture(scope="module")
+def pixel_pipe():
+    return InstructImagen.from_base(build_tiny_base(seed=0, pixel_space=True, sample_size=32))
+
+
+@pytest.fixture(scope="module")
+def latent_pipe():
+    return InstructImagen.from_base(build_tiny_base(seed=0, pixel_space=False, sample_size=8))
+
+
+def _count_unet_calls(pipe):
+    calls = []
+    handle = pipe.base.unet.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    return calls, handle
+
+
+@pytest.mark.parametrize("pipe_name", ["pixel_pipe", "latent_pipe"])
+def test_generate_encodes_contexts_once_and_batches_branches(pipe_name, request):
+    pipe = request.getfixturevalue(pipe_name)
+    before = pipe.model.encoder_calls
+    calls, handle = _count_unet_calls(pipe)
+    try:
+        result = pipe.generate(_instruction(2), seed=3, steps=6, sampler="dpmpp_2m", width=32, height=32,
+                               batch_size=2, guidance=GuidanceConfig(5.0, 2.0))
+    finally:
+        handle.remove()
+    assert pipe.model.encoder_calls == before + 1
+    assert calls == [2 * 3] * 6  # one UNet call per step, three branches of two images each
+    assert result.images.shape == (2, 3, 32, 32)
+    assert 0.0 <= result.images.min() and result.images.max() <= 1.0
+    assert not torch.equal(result.images[0], result.images[1])  # batch rows get their own noise
+
+
+def test_same_seed_same_image_and_other_seed_differs(pixel_pipe):
+    kwargs = dict(steps=4, sampler="euler_ancestral", schedule="karras", width=32, height=32)
+    a = pixel_pipe.generate(_instruction(1), seed=7, **kwargs).images
+    b = pixel_pipe.generate(_instruction(1), seed=7, **kwargs).images
+    c = pixel_pipe.generate(_instruction(1), seed=8, **kwargs).images
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def _sample_with(pipe, cond, seed=0, steps=4):
+    sigmas = pipe._sigmas(steps, "normal", 1.0)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * sigmas[0]
+    guided = GuidedDenoiser(pipe.denoiser(), cond, GuidanceConfig(5.0, 2.0), sigmas)
+    return SAMPLERS["euler"](guided, x, sigmas)
+
+
+def test_untrained_adapter_gives_the_text_only_result_and_a_trained_one_does_not():
+    pipe = InstructImagen.from_base(build_tiny_base(seed=0))
+    cond = pipe.encode_instruction(_instruction(2), 32, 32)
+    with_contexts = _sample_with(pipe, cond)
+    state, cond.context_state = cond.context_state, None
+    text_only = _sample_with(pipe, cond)
+    assert torch.allclose(with_contexts, text_only, atol=1e-5)
+    with torch.no_grad():
+        for layer in pipe.model.adapter.layers.values():
+            layer.to_out.weight.normal_(std=0.2)
+    cond.context_state = type(state)(state.features, state.valid, state.weights, state.region_masks)
+    trained = _sample_with(pipe, cond)
+    assert (trained - text_only).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_runs_through_the_pipeline(pixel_pipe, sampler):
+    steps = []
+    result = pixel_pipe.generate(_instruction(1), seed=1, steps=3, sampler=sampler, schedule="karras",
+                                 width=32, height=32, callback=lambda info: steps.append(info["i"]))
+    assert steps == [0, 1, 2]
+    assert torch.isfinite(result.images).all()
+
+
+@pytest.mark.parametrize("mode", ["dual", "oscillating", "interleaved"])
+def test_guidance_modes_run(pixel_pipe, mode):
+    result = pixel_pipe.generate(_instruction(2), seed=1, steps=3, width=32, height=32,
+                                 guidance=GuidanceConfig(4.0, 2.0, mode))
+    assert torch.isfinite(result.images).all()
+
+
+def test_cancel_stops_within_one_step(pixel_pipe):
+    seen = []
+
+    def cancel_at_two(info):
+        seen.append(info["i"])
+        if info["i"] == 1:
+            raise SamplingCancelled
+
+    with pytest.raises(SamplingCancelled):
+        pixel_pipe.generate(_instruction(1), seed=1, steps=10, width=32, height=32, callback=cancel_at_two)
+    assert seen == [0, 1]
+
+
+def test_init_image_with_low_denoise_stays_close(pixel_pipe):
+    latent_pipe = pixel_pipe
+    init = torch.zeros(1, 3, 32, 32)
+    init[:, 0] = 0.9  # red
+    light = latent_pipe.generate(_instruction(0), seed=2, steps=10, width=32, height=32, init_image=init,
+                                 denoise=0.1, guidance=GuidanceConfig(1.0, 1.0))
+    full = latent_pipe.generate(_instruction(0), seed=2, steps=10, width=32, height=32,
+                                guidance=GuidanceConfig(1.0, 1.0))
+    reconstruction = latent_pipe.to_images(latent_pipe.to_model_space(init))
+    light_error = (light.images - reconstruction).abs().mean()
+    full_error = (full.images - reconstruction).abs().mean()
+    assert light.info["steps"] == 10
+    assert light_error < 0.5 * full_error
+
+
+def test_latents_are_raw_vae_space(latent_pipe):
+    result = latent_pipe.generate(_instruction(0), seed=2, steps=2, width=32, height=32)
+    assert result.latents.shape == (1, 4, 16, 16)  # the tiny VAE downsamples twice
+    decoded = latent_pipe.to_images(result.latents * latent_pipe.base.vae_scaling_factor)
+    assert torch.allclose(decoded, result.images, atol=1e-5)
+
+
+def test_v_prediction_base_generates():
+    pipe = InstructImagen.from_base(build_tiny_base(seed=1, prediction_type="v_prediction"))
+    result = pipe.generate(_instruction(1), seed=0, steps=3, width=32, height=32)
+    assert pipe.base.prediction_type == "v_prediction"
+    assert torch.isfinite(result.images).all()
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(width=30), "width"), (dict(height=0), "height"), (dict(steps=0), "steps"),
+    (dict(sampler="nope"), "sampler"), (dict(schedule="nope"), "schedule"),
+    (dict(batch_size=100000), "batch"), (dict(init_image=torch.zeros(1, 3, 16, 16), denoise=0.5), "init_image"),
+    (dict(denoise=1.5), "denoise"),
+])
+def test_bad_generation_arguments_name_the_field(pixel_pipe, kwargs, field):
+    args = dict(seed=0, steps=2, width=32, height=32)
+    args.update(kwargs)
+    with pytest.raises(InstructionError, match=field):
+        pixel_pipe.generate(_instruction(1), **args)
+
+
+def test_unknown_modality_is_an_instruction_error(pixel_pipe):
+    instruction = _instruction(1)
+    instruction.contexts[0].modality = "hologram"
+    with pytest.raises(InstructionError, match="hologram"):
+        pixel_pipe.generate(instruction, seed=0, steps=2, width=32, height=32)
