@@ -232,9 +232,11 @@ class ContextAttnProcessor:
             raise RuntimeError(f"{self.name}: expected {query_hw} query tokens, got {hidden_states.shape[1]}")
         keys, values = self._keys_values(state, rows)
         mask = state.attend_mask(self.level, rows, query_hw)
-        extra = self.layer(hidden_states[rows], query_hw, keys.to(hidden_states.dtype),
-                           values.to(hidden_states.dtype), mask)
-        extra = extra / attn.rescale_output_factor
+        # The adapter may be kept in fp32 (training) while the base runs in half precision.
+        layer_dtype = self.layer.to_out.weight.dtype
+        extra = self.layer(hidden_states[rows].to(layer_dtype), query_hw, keys.to(layer_dtype),
+                           values.to(layer_dtype), mask)
+        extra = extra.to(out.dtype) / attn.rescale_output_factor
         if rows.numel() == out.shape[0]:
             return out + extra
         return out.index_add(0, rows, extra.to(out.dtype))
@@ -243,5 +245,6 @@ class ContextAttnProcessor:
         key = ("kv", self.name)
         if key not in state.cache:
             tokens, token_hw, scale, _ = state.tokens(self.level, rows)
+            tokens = tokens.to(self.layer.to_out.weight.dtype)
             state.cache[key] = self.layer.context_keys_values(tokens, token_hw, scale)
         return state.cache[key]
