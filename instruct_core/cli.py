@@ -18,9 +18,9 @@ class UsageError(ValueError):
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny",
-                        help="base model: a single-file .safetensors checkpoint, a diffusers folder, "
-                             "or 'tiny' (a small random-weight model built in code)")
+    parser.add_argument("--model", default="default",
+                        help="base model: a single-file .safetensors checkpoint, a diffusers folder, 'default' "
+                             "(the bundled model, or 'tiny' until one is bundled) or 'tiny' (small, random weights)")
     parser.add_argument("--adapter", default=None, help="context adapter .safetensors (default: a fresh one)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
@@ -57,28 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_model(model: str, adapter: str | None, device: str, dtype: str, allow_pickle: bool = False):
-    """An InstructImagen from CLI-style arguments."""
-    import torch
-
-    from .loading import load_base, resolve_device, resolve_dtype
-    from .pipeline import InstructImagen
-    from .tiny import build_tiny_base
-
-    if model == "tiny":
-        target_device = resolve_device(device)
-        base = build_tiny_base()
-        target_dtype = resolve_dtype(dtype, target_device)
-        base.unet.to(target_device)
-        if target_dtype != torch.float32:
-            base.unet.to(dtype=target_dtype)
-        for encoder in base.text_encoders:
-            encoder.to(target_device)
-    else:
-        base = load_base(model, dtype=dtype, device=device, allow_pickle=allow_pickle)
-    return InstructImagen.from_base(base, adapter=adapter)
-
-
 def _progress_callback(total: int, quiet: bool):
     if quiet:
         return None, lambda: None
@@ -105,7 +83,9 @@ def run_generate(args) -> int:
     from .guidance import GuidanceConfig
     from .instruction import load_instruction
 
-    pipe = load_model(args.model, args.adapter, args.device, args.dtype, args.allow_pickle)
+    from .models import load_pipeline
+
+    pipe = load_pipeline(args.model, args.adapter, args.device, args.dtype, args.allow_pickle)
     instruction = load_instruction(args.instruction, root=args.root, known_modalities=pipe.known_modalities,
                                    max_contexts=pipe.max_contexts)
     width = args.width or pipe.native_size

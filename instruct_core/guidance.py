@@ -57,6 +57,20 @@ class Conditioning:
     def has_contexts(self) -> bool:
         return self.context_state is not None and self.context_state.max_contexts > 0
 
+    @property
+    def num_rows(self) -> int:
+        return self.text.shape[0]
+
+    def repeat_rows(self, times: int) -> "Conditioning":
+        """Each row repeated `times` times (row 0, row 0, ..., row 1, ...), for a batch of samples."""
+        if times == 1:
+            return self
+        rep = lambda t: t.repeat_interleave(times, dim=0)
+        added = lambda a: None if a is None else {k: rep(v) for k, v in a.items()}
+        state = None if self.context_state is None else self.context_state.repeat_rows(times)
+        return Conditioning(rep(self.text), rep(self.null_text), state, added(self.added_text),
+                            added(self.added_null))
+
 
 @dataclass
 class BatchedCondition:

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -145,18 +144,22 @@ class InstructImagen:
                                    f"{MAX_PIXELS} pixels per call")
 
     @torch.no_grad()
-    def encode_instruction(self, instruction: MultiModalInstruction, width: int, height: int,
-                           batch_size: int = 1, resize_policy: str = "crop") -> Conditioning:
-        """Encode text and contexts once; the result serves every step of every sample in the batch."""
+    def encode_instruction(self, instruction: MultiModalInstruction, context_size: tuple[int, int] | None = None,
+                           resize_policy: str = "crop") -> Conditioning:
+        """Encode text and contexts once (one row); the result serves every step of every sample.
+
+        Contexts are brought to `context_size` (width, height; default: the model's native size). Attention
+        uses normalised positions, so the conditioning serves any output size.
+        """
         instruction.validate(known_modalities=self.known_modalities, max_contexts=self.max_contexts)
+        width, height = context_size or (self.native_size, self.native_size)
+        self.check_size(width, height, 1)
         text, pooled = self.encode_text([instruction.text, instruction.negative])
-        cond = Conditioning(
-            text=text[:1].expand(batch_size, -1, -1), null_text=text[1:].expand(batch_size, -1, -1),
-            added_text=_expand(self._added_cond(None if pooled is None else pooled[:1], height, width), batch_size),
-            added_null=_expand(self._added_cond(None if pooled is None else pooled[1:], height, width), batch_size),
-        )
+        cond = Conditioning(text=text[:1], null_text=text[1:])
+        if pooled is not None:
+            cond.added_text, cond.added_null = {"text_embeds": pooled[:1]}, {"text_embeds": pooled[1:]}
         if instruction.contexts:
-            cond.context_state = self._encode_contexts(instruction, width, height, resize_policy).repeat_rows(batch_size)
+            cond.context_state = self._encode_contexts(instruction, width, height, resize_policy)
         return cond
 
     def _encode_contexts(self, instruction, width, height, resize_policy) -> ContextState:
@@ -183,13 +186,22 @@ class InstructImagen:
         return DiscreteDenoiser(model_fn, self.schedule, self.base.prediction_type)
 
     @torch.no_grad()
-    def generate(self, instruction: MultiModalInstruction, *, seed: int = 0, steps: int = 20,
-                 sampler: str = "dpmpp_2m", schedule: str = "karras", guidance: GuidanceConfig | None = None,
-                 width: int | None = None, height: int | None = None, batch_size: int = 1,
-                 init_image: torch.Tensor | None = None, denoise: float = 1.0,
-                 callback: Callable[[dict], None] | None = None) -> GenerationResult:
-        """Follow `instruction`. `init_image` (B or 1, 3, H, W) in [0, 1] with `denoise` < 1 is img2img;
-        `callback(info)` runs after every step and may raise SamplingCancelled to stop."""
+    def generate(self, instruction: MultiModalInstruction, *, width: int | None = None,
+                 height: int | None = None, resize_policy: str = "crop", **sample_args) -> GenerationResult:
+        """Follow `instruction`: encode it once at the output size, then `sample` (see there for arguments)."""
+        width = self.native_size if width is None else width
+        height = self.native_size if height is None else height
+        self.check_size(width, height, 1)
+        cond = self.encode_instruction(instruction, (width, height), resize_policy)
+        return self.sample(cond, width=width, height=height, **sample_args)
+
+    @torch.no_grad()
+    def sample(self, cond: Conditioning, *, seed: int = 0, steps: int = 20, sampler: str = "dpmpp_2m",
+               schedule: str = "karras", guidance: GuidanceConfig | None = None, width: int | None = None,
+               height: int | None = None, batch_size: int = 1, init_image: torch.Tensor | None = None,
+               denoise: float = 1.0, callback: Callable[[dict], None] | None = None) -> GenerationResult:
+        """Sample `batch_size` images per conditioning row. `init_image` (B or 1, 3, H, W) in [0, 1] with
+        `denoise` < 1 is img2img; `callback(info)` runs after every step and may raise SamplingCancelled."""
         width = self.native_size if width is None else width
         height = self.native_size if height is None else height
         if sampler not in SAMPLERS:
@@ -200,22 +212,31 @@ class InstructImagen:
             raise InstructionError(f"steps: {steps} must be between 1 and 1000")
         if not 0.0 < denoise <= 1.0:
             raise InstructionError(f"denoise: {denoise} must be in (0, 1]")
-        self.check_size(width, height, batch_size)
-        guidance = guidance or GuidanceConfig()
-        cond = self.encode_instruction(instruction, width, height, batch_size)
+        if batch_size < 1:
+            raise InstructionError(f"batch: {batch_size} must be at least 1")
+        total = cond.num_rows * batch_size
+        self.check_size(width, height, total)
+        cond = self._with_size(cond.repeat_rows(batch_size), width, height)
         sigmas = self._sigmas(steps, schedule, denoise if init_image is not None else 1.0)
-        shape = (batch_size, self.base.unet.config.in_channels, height // self.spatial_factor,
-                 width // self.spatial_factor)
-        noise = prepare_noise(shape, seed).to(self.device)
-        x = noise * sigmas[0]
+        shape = (total, self.base.unet.config.in_channels, height // self.spatial_factor, width // self.spatial_factor)
+        x = prepare_noise(shape, seed).to(self.device) * sigmas[0]
         if init_image is not None:
-            x = x + self._init_sample(init_image, width, height, batch_size)
+            x = x + self._init_sample(init_image, width, height, total)
         generator = torch.Generator("cpu").manual_seed(seed + 1)
-        guided = GuidedDenoiser(self.denoiser(), cond, guidance, sigmas)
+        guided = GuidedDenoiser(self.denoiser(), cond, guidance or GuidanceConfig(), sigmas)
         sample = SAMPLERS[sampler](guided, x, sigmas.to(self.device), callback=callback, generator=generator)
         latents = sample.float() / (self.base.vae_scaling_factor if self.base.vae is not None else 1.0)
         return GenerationResult(self.to_images(sample), latents.cpu(), seed,
                                 {"steps": len(sigmas) - 1, "sampler": sampler, "schedule": schedule})
+
+    def _with_size(self, cond: Conditioning, width: int, height: int) -> Conditioning:
+        """Add SDXL's size conditioning (time ids) for this output size."""
+        if cond.added_text is None or self.base.unet.config.addition_embed_type != "text_time":
+            return cond
+        ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
+        with_ids = lambda a: {"text_embeds": a["text_embeds"], "time_ids": ids.expand(a["text_embeds"].shape[0], -1)}
+        return Conditioning(cond.text, cond.null_text, cond.context_state, with_ids(cond.added_text),
+                            with_ids(cond.added_null))
 
     def _sigmas(self, steps: int, schedule: str, denoise: float) -> torch.Tensor:
         if denoise >= 1.0:
@@ -232,11 +253,3 @@ class InstructImagen:
         return sample.expand(batch_size, -1, -1, -1)
 
 
-def _expand(added: dict | None, batch_size: int) -> dict | None:
-    if added is None:
-        return None
-    return {key: value.expand(batch_size, *value.shape[1:]) for key, value in added.items()}
-
-
-def round_to_multiple(value: int, multiple: int) -> int:
-    return max(multiple, int(math.floor(value / multiple)) * multiple)

@@ -71,7 +71,7 @@ def _sample_with(pipe, cond, seed=0, steps=4):
 
 def test_untrained_adapter_gives_the_text_only_result_and_a_trained_one_does_not():
     pipe = InstructImagen.from_base(build_tiny_base(seed=0))
-    cond = pipe.encode_instruction(_instruction(2), 32, 32)
+    cond = pipe.encode_instruction(_instruction(2), (32, 32))
     with_contexts = _sample_with(pipe, cond)
     state, cond.context_state = cond.context_state, None
     text_only = _sample_with(pipe, cond)

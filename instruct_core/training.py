@@ -1,0 +1,442 @@
+"""The trainer: one loop for both stages, on one CPU or many GPUs (accelerate).
+
+Every random draw of step s (which examples, condition dropout, timesteps, noise) comes from generators
+seeded by (seed, s, micro-batch, process). Resuming from a checkpoint therefore continues the exact run: the
+same examples and noise follow, and the loss curve is the one an uninterrupted run draws.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
+from .context_attention import ContextState
+from .data import TrainingExample
+from .instruction import prepare_context_image, prepare_mask
+from .pipeline import InstructImagen, pil_to_tensor
+from .train_config import TrainConfig
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user can act on; the last good checkpoint is intact."""
+
+
+@dataclass
+class TrainResult:
+    adapter_path: Path
+    step: int
+    losses: list[float]
+    cancelled: bool = False
+    report: dict = field(default_factory=dict)
+
+
+# -- batches ------------------------------------------------------------------------------------------------
+
+@dataclass
+class ExampleTensors:
+    """One example as tensors (built in DataLoader workers): images in [0, 1], (C, H, W)."""
+
+    text: str
+    target: torch.Tensor
+    context_images: list[torch.Tensor]
+    context_texts: list[str]
+    modalities: list[str]
+    weights: list[float]
+    masks: list[torch.Tensor | None]
+    task: str
+
+
+def example_to_tensors(example: TrainingExample, resolution: int, policy: str = "crop") -> ExampleTensors:
+    size = (resolution, resolution)
+    contexts = example.instruction.contexts
+    return ExampleTensors(
+        text=example.instruction.text,
+        target=pil_to_tensor(prepare_context_image(example.target, size, policy)),
+        context_images=[pil_to_tensor(prepare_context_image(c.image, size, policy)) for c in contexts],
+        context_texts=[c.marker_text for c in contexts],
+        modalities=[c.modality for c in contexts],
+        weights=[float(c.weight) for c in contexts],
+        masks=[None if c.mask is None else pil_to_tensor(prepare_mask(c.mask, size, policy))[0] for c in contexts],
+        task=example.task,
+    )
+
+
+def step_rng(seed: int, step: int, micro: int, rank: int) -> np.random.Generator:
+    return np.random.default_rng([seed, step, micro, rank])
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item k is the micro-batch of global index k = (step * grad_accum + micro): deterministic and resumable."""
+
+    def __init__(self, dataset, config: TrainConfig, rank: int = 0):
+        self.dataset = dataset
+        self.config = config
+        self.rank = rank
+
+    def __len__(self):
+        return self.config.train.steps * self.config.train.grad_accum
+
+    def __getitem__(self, index: int) -> list[ExampleTensors]:
+        from .retrieval import apply_condition_dropout
+
+        train = self.config.train
+        step, micro = divmod(index, train.grad_accum)
+        rng = step_rng(train.seed, step, micro, self.rank)
+        batch = []
+        for _ in range(train.batch_size):
+            example = self.dataset[int(rng.integers(len(self.dataset)))]
+            example = apply_condition_dropout(example, rng, train.p_drop_all, train.p_drop_context)
+            batch.append(example_to_tensors(example, self.config.data.resolution, self.config.data.resize_policy))
+        return batch
+
+
+# -- the loss -----------------------------------------------------------------------------------------------
+
+class DiffusionLoss(nn.Module):
+    """Encodes the batch's contexts with the UNet's own encoder and returns the denoising loss.
+
+    A module (not a function) so that data-parallel wrappers see one forward per step.
+    """
+
+    def __init__(self, pipe: InstructImagen):
+        super().__init__()
+        self.model = pipe.model
+        self.register_buffer("alphas_cumprod", pipe.schedule.alphas_cumprod.float(), persistent=False)
+        self.prediction_type = pipe.base.prediction_type
+
+    def forward(self, x0, text, context_images, context_text, modalities, layout, weights, masks,
+                added=None, context_added=None, generator_seed: int = 0):
+        generator = torch.Generator().manual_seed(generator_seed)
+        batch = x0.shape[0]
+        timesteps = torch.randint(0, len(self.alphas_cumprod), (batch,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+        timesteps = timesteps.to(x0.device)
+        alpha = self.alphas_cumprod.to(x0.device)[timesteps].view(-1, 1, 1, 1)
+        noisy = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+        state = None
+        if context_images is not None:
+            features = self.model.encode_contexts(context_images, context_text, modalities, context_added)
+            state = ContextState.from_encoded(features, layout, weights, masks)
+        prediction = self.model(noisy, timesteps, text, state, added)
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
+        else:
+            target = x0
+        return torch.nn.functional.mse_loss(prediction.float(), target.float())
+
+
+# -- the trainer --------------------------------------------------------------------------------------------
+
+class EMA:
+    """Exponential moving average of the trainable parameters."""
+
+    def __init__(self, parameters: dict[str, nn.Parameter], decay: float):
+        self.decay = decay
+        self.shadow = {name: p.detach().clone().float() for name, p in parameters.items()}
+
+    @torch.no_grad()
+    def update(self, parameters: dict[str, nn.Parameter]):
+        for name, p in parameters.items():
+            self.shadow[name].lerp_(p.detach().float(), 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, parameters: dict[str, nn.Parameter]):
+        for name, p in parameters.items():
+            p.copy_(self.shadow[name].to(p.dtype))
+
+
+class Trainer:
+    """Trains the adapter (and optionally LoRA or the whole base) of `pipe` on `dataset`.
+
+    progress(step, total, loss) is called after each optimizer step; cancel() returning True stops the run
+    after the current step with a checkpoint written.
+    """
+
+    def __init__(self, config: TrainConfig, pipe: InstructImagen, dataset, *,
+                 progress: Callable[[int, int, float], None] | None = None,
+                 cancel: Callable[[], bool] | None = None, accelerator=None, report: dict | None = None):
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+
+        self.config = config
+        self.pipe = pipe
+        self.dataset = dataset
+        self.progress = progress
+        self.cancel = cancel or (lambda: False)
+        self.report = report or {}
+        self.output_dir = Path(config.output_dir)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.train.mixed_precision, gradient_accumulation_steps=config.train.grad_accum,
+            cpu=pipe.device.type == "cpu",
+            # A batch without contexts leaves the context layers unused; DDP must tolerate that.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.trainable = self._select_trainable()
+        self.loss_module = DiffusionLoss(pipe)
+        self.optimizer = self._make_optimizer()
+        warmup = max(config.train.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        self.ema = EMA(self.trainable, config.train.ema_decay) if config.train.ema_decay > 0 else None
+        self.losses: list[float] = []
+        self.step = 0
+
+    # setup
+    def _select_trainable(self) -> dict[str, nn.Parameter]:
+        model = self.pipe.model
+        mode = self.config.train.train_base
+        model.unet.requires_grad_(False)
+        for encoder in self.pipe.base.text_encoders:
+            encoder.requires_grad_(False)
+        if self.pipe.base.vae is not None:
+            self.pipe.base.vae.requires_grad_(False)
+        if mode == "lora":
+            from peft import LoraConfig
+
+            model.unet.add_adapter(LoraConfig(r=self.config.train.lora_rank, lora_alpha=self.config.train.lora_rank,
+                                              init_lora_weights="gaussian",
+                                              target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        elif mode == "full":
+            model.unet.requires_grad_(True)
+        model.adapter.requires_grad_(True)
+        if self.config.train.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+        model.unet.train()
+        model.adapter.train()
+        # Trainable parameters are kept in fp32 even when the frozen base runs in half precision.
+        trainable = {f"adapter.{n}": p for n, p in model.adapter.named_parameters()}
+        trainable.update({f"unet.{n}": p for n, p in model.unet.named_parameters() if p.requires_grad})
+        for p in trainable.values():
+            p.data = p.data.float()
+        return trainable
+
+    def _make_optimizer(self):
+        train = self.config.train
+        params = list(self.trainable.values())
+        if train.optimizer == "adafactor":
+            from transformers.optimization import Adafactor
+
+            return Adafactor(params, lr=train.lr, relative_step=False, scale_parameter=False,
+                             warmup_init=False, weight_decay=train.weight_decay)
+        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+
+    # checkpoints
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def state_dict(self) -> dict:
+        return {
+            "trainable": {n: p.detach() for n, p in self.trainable.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
+            "ema": None if self.ema is None else self.ema.shadow,
+            "losses": list(self.losses),
+            "data_position": self.step * self.config.train.grad_accum,
+            "rng": {"seed": self.config.train.seed, "scheme": "per-step generators seeded by (seed, step, micro, rank)"},
+        }
+
+    def load_state_dict(self, step: int, state: dict):
+        with torch.no_grad():
+            for name, p in self.trainable.items():
+                if name not in state["trainable"]:
+                    raise TrainingError(f"resume: checkpoint lacks parameter {name} (different train_base or adapter?)")
+                p.copy_(state["trainable"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        scheduler_state = self.scheduler.state_dict()
+        scheduler_state.update(state["scheduler"])
+        self.scheduler.load_state_dict(scheduler_state)
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.shadow = {k: v.float() for k, v in state["ema"].items()}
+        self.losses = [float(x) for x in state["losses"]]
+        self.step = step
+
+    def resume(self) -> bool:
+        checkpoints = list_checkpoints(self.checkpoint_dir)
+        if not checkpoints:
+            return False
+        step, state = load_checkpoint(checkpoints[-1])
+        self.load_state_dict(step, state)
+        return True
+
+    def save(self) -> Path:
+        if not self.accelerator.is_main_process:
+            return self.checkpoint_dir
+        try:
+            return save_checkpoint(self.checkpoint_dir, self.step, self.state_dict(), keep=self.config.checkpoint.keep)
+        except OSError as error:
+            raise TrainingError(f"checkpoint: could not write to {self.checkpoint_dir} ({error}); "
+                                f"the previous checkpoint is intact") from None
+
+    # the loop
+    def run(self, resume: bool = False) -> TrainResult:
+        if resume:
+            self.resume()
+        config = self.config
+        module, optimizer = self.accelerator.prepare(self.loss_module, self.optimizer)
+        batches = StepBatches(self.dataset, config, rank=self.accelerator.process_index)
+        start = self.step * config.train.grad_accum
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(batches, range(start, len(batches))), batch_size=None,
+            num_workers=config.data.num_workers, collate_fn=lambda b: b)
+        cancelled = False
+        started, micro_losses = time.perf_counter(), []
+        for index, examples in zip(range(start, len(batches)), loader):
+            step, micro = divmod(index, config.train.grad_accum)
+            with self.accelerator.accumulate(module):
+                loss = self._micro_step(module, examples, step, micro)
+                self.accelerator.backward(loss)
+                micro_losses.append(float(loss.detach()))
+                if self.accelerator.sync_gradients:
+                    if config.train.max_grad_norm > 0:
+                        self.accelerator.clip_grad_norm_(list(self.trainable.values()), config.train.max_grad_norm)
+                    optimizer.step()
+                    self.scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if micro != config.train.grad_accum - 1:
+                continue
+            self.step = step + 1
+            if self.ema is not None:
+                self.ema.update(self.trainable)
+            self.losses.append(sum(micro_losses) / len(micro_losses))
+            micro_losses = []
+            if self.progress is not None:
+                self.progress(self.step, config.train.steps, self.losses[-1])
+            if self.step % config.checkpoint.every == 0 or self.step == config.train.steps:
+                self.save()
+            if config.validation.every and self.step % config.validation.every == 0:
+                self.validate()
+            if self.cancel():
+                self.save()
+                cancelled = True
+                break
+        elapsed = time.perf_counter() - started
+        adapter_path = self.export()
+        self.report.update({"steps": self.step, "seconds": round(elapsed, 2), "cancelled": cancelled,
+                            "final_loss": self.losses[-1] if self.losses else None})
+        self._write_report()
+        return TrainResult(adapter_path, self.step, list(self.losses), cancelled, dict(self.report))
+
+    def _micro_step(self, module, examples: list[ExampleTensors], step: int, micro: int):
+        pipe = self.pipe
+        device = self.accelerator.device
+        with torch.no_grad():
+            x0 = pipe.to_model_space(torch.stack([e.target for e in examples]).to(device))
+            text, pooled = pipe.encode_text([e.text for e in examples])
+            added = pipe._added_cond(pooled, *examples[0].target.shape[-2:])
+            layout, offset = [], 0
+            for e in examples:
+                layout.append(list(range(offset, offset + len(e.context_images))))
+                offset += len(e.context_images)
+            context_images = context_text = context_added = weights = masks = None
+            modalities = [m for e in examples for m in e.modalities]
+            if offset:
+                context_images = pipe.to_model_space(torch.stack([i for e in examples for i in e.context_images]))
+                context_text, context_pooled = pipe.encode_text([t for e in examples for t in e.context_texts])
+                context_added = pipe._added_cond(context_pooled, *examples[0].target.shape[-2:])
+                weights = torch.tensor([w for e in examples for w in e.weights], device=device)
+                flat_masks = [m for e in examples for m in e.masks]
+                if any(m is not None for m in flat_masks):
+                    ones = torch.ones_like(examples[0].target[0])
+                    masks = torch.stack([ones if m is None else m for m in flat_masks]).to(device)
+        seed = int(step_rng(self.config.train.seed, step, micro, self.accelerator.process_index).integers(2**62))
+        with self.accelerator.autocast():
+            return module(x0, text, context_images, context_text, modalities, layout, weights, masks,
+                          added, context_added, generator_seed=seed)
+
+    # outputs
+    def export(self) -> Path:
+        """The final adapter (EMA weights when enabled), the loss curve and, for LoRA/full, the base weights."""
+        from .adapter_io import save_adapter
+
+        path = self.output_dir / "adapter.safetensors"
+        if not self.accelerator.is_main_process:
+            return path
+        backup = None
+        if self.ema is not None:
+            backup = {n: p.detach().clone() for n, p in self.trainable.items()}
+            self.ema.copy_to(self.trainable)
+        try:
+            metadata = {"trained_steps": self.step, "stage": self.config.stage,
+                        "train_base": self.config.train.train_base}
+            save_adapter(self.pipe.model, path, metadata)
+            if self.config.train.train_base != "adapter":
+                self._save_base_weights()
+        finally:
+            if backup is not None:
+                with torch.no_grad():
+                    for n, p in self.trainable.items():
+                        p.copy_(backup[n])
+        save_loss_curve(self.losses, self.output_dir / "loss_curve.png")
+        return path
+
+    def _save_base_weights(self):
+        from safetensors.torch import save_file
+
+        tensors = {n[len("unet."):]: p.detach().cpu().contiguous() for n, p in self.trainable.items()
+                   if n.startswith("unet.")}
+        name = "base_lora.safetensors" if self.config.train.train_base == "lora" else "base_unet.safetensors"
+        tmp = self.output_dir / (name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"train_base": self.config.train.train_base})
+        tmp.replace(self.output_dir / name)
+
+    @torch.no_grad()
+    def validate(self):
+        from .cli import save_images
+        from .instruction import load_instruction
+
+        if not self.accelerator.is_main_process:
+            return
+        if self.config.validation.instruction:
+            instruction = load_instruction(self.config.validation.instruction,
+                                           known_modalities=self.pipe.known_modalities)
+        else:
+            instruction = self.dataset[0].instruction
+        self.pipe.model.eval()
+        try:
+            size = self.config.data.resolution
+            result = self.pipe.generate(instruction, seed=0, steps=self.config.validation.steps, width=size,
+                                        height=size)
+            save_images(result.images, self.output_dir / "samples" / f"step_{self.step:06d}.png")
+        finally:
+            self.pipe.model.train()
+
+    def _write_report(self):
+        if not self.accelerator.is_main_process:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "train_report.json").write_text(json.dumps(self.report, indent=2, default=str))
+
+
+def save_loss_curve(losses: list[float], path: Path, size=(640, 360)) -> Path:
+    """A plain loss-versus-step plot (log scale), drawn with PIL to keep plotting dependencies out."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = 50, 20, size[0] - 20, size[1] - 40
+    draw.rectangle((left, top, right, bottom), outline=(0, 0, 0))
+    values = [math.log10(max(v, 1e-12)) for v in losses if math.isfinite(v)]
+    if len(values) >= 2:
+        low, high = min(values), max(values)
+        span = (high - low) or 1.0
+        points = [(left + (right - left) * i / (len(values) - 1), bottom - (bottom - top) * (v - low) / span)
+                  for i, v in enumerate(values)]
+        draw.line(points, fill=(30, 90, 200), width=2)
+        draw.text((5, top), f"{10 ** high:.3g}", fill=(0, 0, 0))
+        draw.text((5, bottom - 10), f"{10 ** low:.3g}", fill=(0, 0, 0))
+    draw.text((left, bottom + 10), f"loss (log scale) over {len(losses)} steps", fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
