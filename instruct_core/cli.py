@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--denoise", type=float, default=1.0, help="with --init-image: how much to change it")
     gen.add_argument("--root", default=None, help="refuse instruction image paths outside this folder")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    train = commands.add_parser("train", help="train the context layers (stage 1 or 2) from a YAML config")
+    train.add_argument("--config", required=True, help="training YAML (keys: instruct_core/train_config.py)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.steps=100 (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -111,6 +119,44 @@ def run_generate(args) -> int:
     return 0
 
 
+def run_train(args) -> int:
+    import signal
+
+    from .stages import run_training
+    from .train_config import load_config
+
+    config = load_config(args.config, args.overrides)
+    stop = {"requested": False}
+
+    def request_stop(signum, frame):  # finish the step, write a checkpoint, exit
+        stop["requested"] = True
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    bar = None
+    if not args.quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.train.steps, unit="step", file=sys.stderr)
+
+    def progress(step, total, loss):
+        if bar is not None:
+            bar.n = step
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.refresh()
+
+    try:
+        result = run_training(config, progress=progress, cancel=lambda: stop["requested"], resume=args.resume,
+                              device=args.device)
+    finally:
+        if bar is not None:
+            bar.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    state = "stopped early" if result.cancelled else "done"
+    print(f"{state} at step {result.step}: {result.adapter_path}")
+    return 130 if result.cancelled else 0
+
+
 def save_images(images, out: Path) -> list[Path]:
     """Write (B, 3, H, W) images in [0, 1] as PNGs; atomic per file so a reader never sees half an image."""
     import numpy as np
@@ -130,12 +176,16 @@ def save_images(images, out: Path) -> list[Path]:
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from .adapter_io import AdapterError
     from .instruction import InstructionError
+    from .data import DataError
     from .loading import ModelLoadError
+    from .train_config import ConfigError
+    from .training import TrainingError
 
-    return UsageError, InstructionError, AdapterError, ModelLoadError, FileNotFoundError
+    return (UsageError, InstructionError, AdapterError, ModelLoadError, FileNotFoundError, ConfigError, DataError,
+            TrainingError)
 
 
-COMMANDS = {"generate": run_generate}
+COMMANDS = {"generate": run_generate, "train": run_train}
 
 
 def main(argv: list[str] | None = None) -> int:

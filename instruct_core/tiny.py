@@ -35,13 +35,16 @@ def tiny_text_encoder(hidden_size: int = 32, max_length: int = 32) -> CLIPTextMo
 
 
 def tiny_unet(in_channels: int = 4, sample_size: int = 16, channels=(32, 64), cross_attention_dim: int = 32,
-              layers_per_block: int = 1) -> UNet2DConditionModel:
+              layers_per_block: int = 1, first_attention_level: int = 0) -> UNet2DConditionModel:
+    """Attention at levels first_attention_level .. levels-2 (and the mid block), as SD; pixel-space models
+    skip the full-resolution level, where attention is costly and, as in Imagen, little needed."""
     levels = len(channels)
+    attends = [first_attention_level <= level < levels - 1 for level in range(levels)]
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
         block_out_channels=tuple(channels), layers_per_block=layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)),
         cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8,
     )
 
@@ -60,7 +63,8 @@ def build_tiny_base(seed: int = 0, pixel_space: bool = True, sample_size: int = 
     torch.manual_seed(seed)
     text_encoder = tiny_text_encoder()
     vae = None if pixel_space else tiny_vae().eval()
-    unet = tiny_unet(in_channels=3 if pixel_space else 4, sample_size=sample_size, channels=channels).eval()
+    unet = tiny_unet(in_channels=3 if pixel_space else 4, sample_size=sample_size, channels=channels,
+                     first_attention_level=1 if pixel_space else 0).eval()
     return BaseModel(
         unet=unet, vae=vae, text_encoders=[text_encoder], tokenizers=[tiny_tokenizer()],
         scheduler_config=dict(TINY_SCHEDULER, prediction_type=prediction_type), prediction_type=prediction_type,

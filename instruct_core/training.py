@@ -293,8 +293,19 @@ class Trainer:
         for index, examples in zip(range(start, len(batches)), loader):
             step, micro = divmod(index, config.train.grad_accum)
             with self.accelerator.accumulate(module):
-                loss = self._micro_step(module, examples, step, micro)
-                self.accelerator.backward(loss)
+                try:
+                    loss = self._micro_step(module, examples, step, micro)
+                    if not loss.requires_grad:  # no context in this batch and only the adapter trains
+                        loss = loss + 0.0 * sum(p.sum() for p in self.trainable.values())
+                    self.accelerator.backward(loss)
+                except torch.cuda.OutOfMemoryError:
+                    raise TrainingError(
+                        f"out of memory at step {step + 1} (train.batch_size={config.train.batch_size}, "
+                        f"data.resolution={config.data.resolution}); lower them, raise train.grad_accum or set "
+                        f"train.gradient_checkpointing; the last checkpoint is intact") from None
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"loss became {float(loss)} at step {step + 1}; lower train.lr or use "
+                                        f"train.mixed_precision=bf16; the last checkpoint is intact")
                 micro_losses.append(float(loss.detach()))
                 if self.accelerator.sync_gradients:
                     if config.train.max_grad_norm > 0:

@@ -1,0 +1,247 @@
+"""Both training stages on CPU with tiny models: data → stage 1 → stage 2 → adapter → generate; exact resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image, ImageDraw
+
+from instruct_core.adapter_io import read_adapter_metadata
+from instruct_core.checkpointing import list_checkpoints, load_checkpoint
+from instruct_core.cli import main
+from instruct_core.pipeline import InstructImagen
+from instruct_core.retrieval import load_clusters
+from instruct_core.stages import run_training
+from instruct_core.tiny import build_tiny_base
+from instruct_core.train_config import ConfigError, config_from_dict, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (210, 40, 40), "blue": (40, 60, 210), "green": (40, 170, 60), "yellow": (230, 210, 40)}
+SHAPES = ("square", "circle")
+
+
+def _draw(shape, colour, offset, size=32):
+    image = Image.new("RGB", (size, size), (235, 235, 230))
+    box = (6 + offset, 8, 22 + offset, 24)
+    draw = ImageDraw.Draw(image)
+    (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=COLOURS[colour])
+    return image
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """8 groups (shape × colour) of 6 shifted variants, captions in sidecar files, plus bad items."""
+    folder = tmp_path_factory.mktemp("data")
+    for shape in SHAPES:
+        for colour in COLOURS:
+            for offset in range(6):
+                stem = folder / f"{shape}_{colour}_{offset}"
+                _draw(shape, colour, offset).save(f"{stem}.png")
+                stem.with_suffix(".txt").write_text(f"a {colour} {shape}")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (folder / "corrupt.txt").write_text("broken")
+    _draw("square", "red", 0).save(folder / "no_caption.png")
+    (folder / "orphan.txt").write_text("a caption without image")
+    return folder
+
+
+def _config(tmp_path, stage, source, **train):
+    settings = {"steps": 6, "batch_size": 2, "lr": 1e-3, "warmup_steps": 0, "seed": 0}
+    settings.update(train)
+    return config_from_dict({
+        "stage": stage, "base_model": "tiny", "output_dir": str(tmp_path / f"stage{stage}"),
+        "data": {"source": str(source), "resolution": 32, "embedder": "pixel",
+                 "mix": "text_to_image=0.3,edge_to_image=0.3,mask_to_image=0.2,inpainting=0.2"},
+        "train": settings, "checkpoint": {"every": 2, "keep": 2},
+    })
+
+
+def _fresh_pipe(seed=0):
+    return InstructImagen.from_base(build_tiny_base(seed=seed))
+
+
+def test_stage1_then_stage2_then_generate(dataset, tmp_path):
+    stage1 = run_training(_config(tmp_path, 1, dataset), pipe=_fresh_pipe())
+    report = json.loads((tmp_path / "stage1" / "train_report.json").read_text())
+    assert report["data"]["kept"] == 48
+    assert report["data"]["skipped"].get("unreadable_image") == 1
+    assert report["data"]["skipped"].get("missing_caption") == 1
+    clusters = load_clusters(tmp_path / "stage1" / "clusters.json")
+    assert len(clusters) > 0 and all(len(c.members) == 5 for c in clusters)
+    assert stage1.step == 6 and read_adapter_metadata(stage1.adapter_path)["stage"] == "1"
+
+    config2 = _config(tmp_path, 2, dataset)
+    config2.adapter = str(stage1.adapter_path)
+    from instruct_core.models import load_pipeline
+    from instruct_core.stages import adapter_config_of
+
+    pipe2 = load_pipeline("tiny", config2.adapter, device="cpu", adapter_config=adapter_config_of(config2))
+    stage2 = run_training(config2, pipe=pipe2)
+    assert stage2.step == 6 and (tmp_path / "stage2" / "loss_curve.png").is_file()
+    assert read_adapter_metadata(stage2.adapter_path)["stage"] == "2"
+
+    out = tmp_path / "generated.png"
+    code = main(["generate", "--instruction", str(REPO / "examples" / "two_contexts" / "instruction.json"),
+                 "--model", "tiny", "--adapter", str(stage2.adapter_path), "--out", str(out), "--steps", "3",
+                 "--quiet"])
+    assert code == 0 and Image.open(out).size == (32, 32)
+
+
+def test_stage1_clusters_group_similar_images(dataset, tmp_path):
+    config = _config(tmp_path, 1, dataset, steps=1)
+    run_training(config, pipe=_fresh_pipe())
+    clusters = load_clusters(tmp_path / "stage1" / "clusters.json")
+    data = json.loads((tmp_path / "stage1" / "clusters.json").read_text())
+    keys = data.get("keys") or data.get("items")
+    assert keys, "clusters.json must name its items"
+    same_group = 0
+    for cluster in clusters:
+        # The pixel embedder sees colour before shape at this size: neighbours share their colour.
+        colours = {Path(keys[m]).stem.split("_")[1] for m in cluster.members}
+        same_group += len(colours) == 1
+    assert same_group / len(clusters) > 0.9
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_curve(dataset, tmp_path):
+    full = run_training(_config(tmp_path / "a", 2, dataset, steps=8), pipe=_fresh_pipe())
+
+    config = _config(tmp_path / "b", 2, dataset, steps=8)
+    stopped = run_training(config, pipe=_fresh_pipe(), cancel=_cancel_after(5))
+    assert stopped.cancelled and stopped.step == 5
+    resumed = run_training(config, pipe=_fresh_pipe(), resume=True)
+    assert resumed.step == 8
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-7)
+    final_a = load_checkpoint(list_checkpoints(tmp_path / "a" / "stage2" / "checkpoints")[-1])[1]
+    final_b = load_checkpoint(list_checkpoints(tmp_path / "b" / "stage2" / "checkpoints")[-1])[1]
+    for name, value in final_a["trainable"].items():
+        assert torch.allclose(value, final_b["trainable"][name], atol=1e-6), name
+
+
+def _cancel_after(steps):
+    calls = {"n": 0}
+
+    def cancel():
+        calls["n"] += 1
+        return calls["n"] >= steps
+
+    return cancel
+
+
+def _fixed_loss(pipe, dataset_examples):
+    from instruct_core.training import DiffusionLoss, example_to_tensors
+
+    loss_module = DiffusionLoss(pipe).eval()
+    tensors = [example_to_tensors(e, 32) for e in dataset_examples]
+    total = 0.0
+    with torch.no_grad():
+        for seed in range(4):
+            for t in tensors:
+                x0 = pipe.to_model_space(t.target[None])
+                text, _ = pipe.encode_text([t.text])
+                images = pipe.to_model_space(torch.stack(t.context_images)) if t.context_images else None
+                ctx_text = pipe.encode_text(t.context_texts)[0] if t.context_images else None
+                layout = [list(range(len(t.context_images)))]
+                total += float(loss_module(x0, text, images, ctx_text, t.modalities, layout,
+                                           torch.tensor(t.weights) if t.weights else None, None,
+                                           generator_seed=seed))
+    return total
+
+
+def test_training_lowers_the_loss_and_changes_the_output(dataset, tmp_path):
+    from instruct_core.tasks import TaskMixture, parse_mix
+    from instruct_core.data import read_dataset
+
+    items = read_dataset(dataset)
+    mixture = TaskMixture(parse_mix("edge_to_image=0.5,inpainting=0.5"), items, seed=1, phrasings="train")
+    held = [mixture[i] for i in range(4)]
+    pipe = _fresh_pipe()
+    before = _fixed_loss(pipe, held)
+    untrained = pipe.generate(held[0].instruction, seed=0, steps=4, width=32, height=32).images
+    config = _config(tmp_path, 2, dataset, steps=40, batch_size=4, lr=2e-3,
+                     p_drop_all=0.0, p_drop_context=0.0)
+    config.data.mix = "edge_to_image=0.5,inpainting=0.5"
+    run_training(config, pipe=pipe)
+    pipe.model.eval()
+    after = _fixed_loss(pipe, held)
+    trained = pipe.generate(held[0].instruction, seed=0, steps=4, width=32, height=32).images
+    assert after < 0.9 * before
+    assert (trained - untrained).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("train", [
+    dict(grad_accum=2, ema_decay=0.9),
+    dict(optimizer="adafactor"),
+    dict(train_base="lora", lora_rank=2),
+    dict(train_base="full"),
+])
+def test_training_options(dataset, tmp_path, train):
+    config = _config(tmp_path, 2, dataset, steps=2, **train)
+    result = run_training(config, pipe=_fresh_pipe())
+    assert result.step == 2 and all(map(lambda x: x == x, result.losses))
+    if train.get("train_base") == "lora":
+        assert (tmp_path / "stage2" / "base_lora.safetensors").is_file()
+    if train.get("train_base") == "full":
+        assert (tmp_path / "stage2" / "base_unet.safetensors").is_file()
+
+
+def test_config_errors_name_the_key(tmp_path):
+    cases = [({"train": {"steps": 0}}, "train.steps"), ({"train": {"lr": "fast"}}, "train.lr"),
+             ({"trian": {}}, "trian"), ({"data": {"resolutoin": 32}}, "data.resolutoin"),
+             ({"stage": 3}, "stage"), ({"data": {"source": None}}, "data.source"),
+             ({"train": {"optimizer": "sgd"}}, "train.optimizer")]
+    for values, key in cases:
+        document = {"data": {"source": "x"}}
+        for k, v in values.items():
+            document.setdefault(k, {})
+            if isinstance(v, dict) and isinstance(document[k], dict):
+                document[k].update(v)
+            else:
+                document[k] = v
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            config_from_dict(document)
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {source: x}\ntrain: {steps: 3}\n")
+    assert load_config(path, ["train.steps=7", "train.lr=0.01"]).train.steps == 7
+
+
+def test_cli_train_reports_config_errors_with_exit_2(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"stage": 2, "data": {"source": str(tmp_path / "missing")}}))
+    assert main(["train", "--config", str(path), "--quiet"]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "nope.yaml"), "--quiet"]) == 2
+
+
+def test_kill_9_loses_at_most_one_checkpoint_interval(dataset, tmp_path):
+    config = {"stage": 2, "base_model": "tiny", "output_dir": str(tmp_path / "run"),
+              "data": {"source": str(dataset), "resolution": 32, "mix": "text_to_image=1"},
+              "train": {"steps": 400, "batch_size": 1, "warmup_steps": 0}, "checkpoint": {"every": 2, "keep": 2}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "instruct_core", "train", "--config", str(path), "--quiet"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list_checkpoints(checkpoints)) < 2:
+        time.sleep(0.2)
+    time.sleep(0.3)  # land somewhere between two checkpoints
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    saved = list_checkpoints(checkpoints)
+    assert saved, "no checkpoint was written before the kill"
+    last_step, state = load_checkpoint(saved[-1])  # complete and readable
+    assert len(state["losses"]) == last_step
+    overrides = ["--set", f"train.steps={last_step + 2}"]
+    code = main(["train", "--config", str(path), "--resume", "--quiet", *overrides])
+    assert code == 0
+    final_step, final_state = load_checkpoint(list_checkpoints(checkpoints)[-1])
+    assert final_step == last_step + 2
+    assert final_state["losses"][:last_step] == state["losses"]
