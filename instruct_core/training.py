@@ -133,7 +133,12 @@ class DiffusionLoss(nn.Module):
             target = alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
         else:
             target = x0
-        return torch.nn.functional.mse_loss(prediction.float(), target.float())
+        loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+        if state is None:
+            # No context in this batch: keep the adapter in the graph so every process reduces the same
+            # parameters (data parallel) and backward works when only the adapter trains.
+            loss = loss + 0.0 * sum(p.sum() for p in self.model.adapter.parameters())
+        return loss
 
 
 # -- the trainer --------------------------------------------------------------------------------------------
@@ -295,8 +300,6 @@ class Trainer:
             with self.accelerator.accumulate(module):
                 try:
                     loss = self._micro_step(module, examples, step, micro)
-                    if not loss.requires_grad:  # no context in this batch and only the adapter trains
-                        loss = loss + 0.0 * sum(p.sum() for p in self.trainable.values())
                     self.accelerator.backward(loss)
                 except torch.cuda.OutOfMemoryError:
                     raise TrainingError(

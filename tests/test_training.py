@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -245,3 +246,23 @@ def test_kill_9_loses_at_most_one_checkpoint_interval(dataset, tmp_path):
     final_step, final_state = load_checkpoint(list_checkpoints(checkpoints)[-1])
     assert final_step == last_step + 2
     assert final_state["losses"][:last_step] == state["losses"]
+
+
+def test_two_processes_train_with_data_parallel(dataset, tmp_path):
+    """The multi-GPU code path (accelerate + DDP) on two CPU processes with gloo, launched by torchrun."""
+    config = {"stage": 2, "base_model": "tiny", "output_dir": str(tmp_path / "ddp"),
+              "data": {"source": str(dataset), "resolution": 32, "mix": "text_to_image=0.5,edge_to_image=0.5"},
+              "train": {"steps": 3, "batch_size": 1, "warmup_steps": 0}, "checkpoint": {"every": 3}}
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "instruct_core", "train", "--config", str(path), "--quiet"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("done at step 3") == 2  # both ranks finished the same number of steps
+    report = json.loads((tmp_path / "ddp" / "train_report.json").read_text())
+    assert report["steps"] == 3
