@@ -185,7 +185,8 @@ class ContextState:
         """Boolean mask (B', 1, 1 or Nq, 1+N): True where a query may attend; the null token always."""
         key = ("mask", level, query_hw)
         if key not in self.cache:
-            _, (h, w), _, valid = self.tokens(level, rows)
+            h, w = self.features[level].shape[-2:]
+            valid = self.valid[rows].repeat_interleave(h * w, dim=1)  # never touches the features' graph
             allowed = valid[:, None, :]  # (B', 1, N)
             if self.region_masks is not None:
                 regions = F.interpolate(self.region_masks[rows].float(), size=query_hw, mode="area")
@@ -196,38 +197,50 @@ class ContextState:
         return self.cache[key]
 
 
-class ContextBinding:
-    """The per-call state the processors read: set by ContextAugmentedUNet around each UNet forward."""
+@dataclass
+class ContextCall:
+    """What one UNet call passes to the processors (as the `context` cross-attention kwarg): the batch's
+    contexts and each level's query grid. Passing it as an argument, not through shared state, lets gradient
+    checkpointing replay it during recomputation."""
 
-    def __init__(self):
-        self.state: ContextState | None = None
-        self.level_hw: list[tuple[int, int]] = []
+    state: ContextState
+    level_hw: list[tuple[int, int]]
+
+
+class PassThroughProcessor:
+    """Wraps the processors without context attention, so that they accept (and drop) the `context` kwarg."""
+
+    def __init__(self, base_processor):
+        self.base_processor = base_processor
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 context: ContextCall | None = None, *args, **kwargs):
+        return self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
 
 class ContextAttnProcessor:
     """Wraps a block's attention processor and adds the context cross-attention of one layer.
 
     A plain object (not an nn.Module) so that the UNet's own state dict stays the base's; the parameters live
-    in the adapter.
+    in the adapter. The contexts arrive per call as the `context` cross-attention kwarg.
     """
 
-    def __init__(self, base_processor, layer: ContextAttention, level: int, name: str, binding: ContextBinding):
+    def __init__(self, base_processor, layer: ContextAttention, level: int, name: str):
         self.base_processor = base_processor
         self.layer = layer
         self.level = level
         self.name = name
-        self.binding = binding
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
+                 context: ContextCall | None = None, *args, **kwargs):
         out = self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        state = self.binding.state
+        state = None if context is None else context.state
         if state is None or state.max_contexts == 0 or hidden_states.dim() != 3:
             return out
         rows = state.active_rows()
         if rows.numel() == 0:
             return out
-        query_hw = self.binding.level_hw[self.level]
+        query_hw = context.level_hw[self.level]
         if query_hw[0] * query_hw[1] != hidden_states.shape[1]:
             raise RuntimeError(f"{self.name}: expected {query_hw} query tokens, got {hidden_states.shape[1]}")
         keys, values = self._keys_values(state, rows)
@@ -243,8 +256,12 @@ class ContextAttnProcessor:
 
     def _keys_values(self, state: ContextState, rows: torch.Tensor):
         key = ("kv", self.name)
-        if key not in state.cache:
-            tokens, token_hw, scale, _ = state.tokens(self.level, rows)
-            tokens = tokens.to(self.layer.to_out.weight.dtype)
-            state.cache[key] = self.layer.context_keys_values(tokens, token_hw, scale)
-        return state.cache[key]
+        if key in state.cache:
+            return state.cache[key]
+        tokens, token_hw, scale, _ = state.tokens(self.level, rows)
+        keys_values = self.layer.context_keys_values(tokens.to(self.layer.to_out.weight.dtype), token_hw, scale)
+        # While training, a state serves one forward; caching there would also break gradient
+        # checkpointing, whose recomputation must redo the same work.
+        if not torch.is_grad_enabled():
+            state.cache[key] = keys_values
+        return keys_values

@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .context_attention import ContextAttention, ContextAttnProcessor, ContextBinding, ContextState
+from .context_attention import (ContextAttention, ContextAttnProcessor, ContextCall, ContextState,
+                                PassThroughProcessor)
 from .instruction import DEFAULT_MODALITIES
 
 # UNet config keys that decide whether an adapter's layers fit a base.
@@ -147,7 +148,6 @@ class ContextAugmentedUNet(nn.Module):
         super().__init__()
         self.unet = unet
         self.adapter = adapter if adapter is not None else ContextAdapter(unet, adapter_config or ContextAdapterConfig())
-        self.binding = ContextBinding()
         self.encoder_calls = 0  # how many times contexts were encoded: once per generation
         self._install_processors()
 
@@ -171,18 +171,19 @@ class ContextAugmentedUNet(nn.Module):
         processors = {}
         for name, processor in self.unet.attn_processors.items():
             key = name.replace(".", "_")
-            if isinstance(processor, ContextAttnProcessor):
+            if isinstance(processor, (ContextAttnProcessor, PassThroughProcessor)):
                 processor = processor.base_processor
             if key in self.adapter.layers:
-                processor = ContextAttnProcessor(processor, self.adapter.layers[key], self.adapter.layer_levels[key],
-                                                 key, self.binding)
-            processors[name] = processor
+                processors[name] = ContextAttnProcessor(processor, self.adapter.layers[key],
+                                                        self.adapter.layer_levels[key], key)
+            else:
+                processors[name] = PassThroughProcessor(processor)
         self.unet.set_attn_processor(processors)
 
     def remove_processors(self):
         """Give the base UNet back its original processors."""
         self.unet.set_attn_processor({
-            name: p.base_processor if isinstance(p, ContextAttnProcessor) else p
+            name: p.base_processor if isinstance(p, (ContextAttnProcessor, PassThroughProcessor)) else p
             for name, p in self.unet.attn_processors.items()
         })
 
@@ -196,13 +197,11 @@ class ContextAugmentedUNet(nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, context_state: ContextState | None = None,
                 added_cond_kwargs: dict | None = None):
         """One UNet evaluation with the contexts of `context_state` attended to (None: plain base UNet)."""
-        self.binding.state = context_state
-        self.binding.level_hw = self._level_shapes(*sample.shape[-2:])
-        try:
-            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                             added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
-        finally:
-            self.binding.state = None
+        kwargs = None
+        if context_state is not None:
+            kwargs = {"context": ContextCall(context_state, self._level_shapes(*sample.shape[-2:]))}
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                         added_cond_kwargs=added_cond_kwargs, cross_attention_kwargs=kwargs, return_dict=False)[0]
 
     def encode_contexts(self, images: torch.Tensor, text_embeddings: torch.Tensor, modalities: list[str],
                         added_cond_kwargs: dict | None = None) -> dict[int, torch.Tensor]:
@@ -217,8 +216,7 @@ class ContextAugmentedUNet(nn.Module):
             emb = unet.time_embed_act(emb)
         hidden = unet.process_encoder_hidden_states(text_embeddings, added_cond_kwargs)
         sample = unet.conv_in(images)
-        features = {}
-        self.binding.state = None  # contexts never attend to contexts
+        features = {}  # no `context` kwarg below: contexts never attend to contexts
         for level, block in enumerate(unet.down_blocks):
             if getattr(block, "has_cross_attention", False):
                 sample, residuals = block(hidden_states=sample, temb=emb, encoder_hidden_states=hidden)

@@ -180,6 +180,11 @@ class Trainer:
         self.cancel = cancel or (lambda: False)
         self.report = report or {}
         self.output_dir = Path(config.output_dir)
+        if accelerator is None:
+            from accelerate.state import AcceleratorState
+
+            # One process may train several times (tests, the ComfyUI node) with different precisions.
+            AcceleratorState._reset_state()
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.train.mixed_precision, gradient_accumulation_steps=config.train.grad_accum,
             cpu=pipe.device.type == "cpu",

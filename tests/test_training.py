@@ -181,6 +181,7 @@ def test_training_lowers_the_loss_and_changes_the_output(dataset, tmp_path):
     dict(optimizer="adafactor"),
     dict(train_base="lora", lora_rank=2),
     dict(train_base="full"),
+    dict(mixed_precision="bf16", gradient_checkpointing=True),
 ])
 def test_training_options(dataset, tmp_path, train):
     config = _config(tmp_path, 2, dataset, steps=2, **train)
@@ -190,6 +191,15 @@ def test_training_options(dataset, tmp_path, train):
         assert (tmp_path / "stage2" / "base_lora.safetensors").is_file()
     if train.get("train_base") == "full":
         assert (tmp_path / "stage2" / "base_unet.safetensors").is_file()
+
+
+def test_validation_samples_are_written(dataset, tmp_path):
+    config = _config(tmp_path, 2, dataset, steps=4)
+    config.validation.every = 2
+    config.validation.steps = 2
+    run_training(config, pipe=_fresh_pipe())
+    samples = sorted(p.name for p in (tmp_path / "stage2" / "samples").glob("*.png"))
+    assert samples == ["step_000002.png", "step_000004.png"]
 
 
 def test_config_errors_name_the_key(tmp_path):
