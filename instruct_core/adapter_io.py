@@ -21,8 +21,20 @@ class AdapterError(ValueError):
     """An adapter file that cannot be used: unreadable, not an adapter, or made for another base."""
 
 
+LORA_PREFIX = "base_lora."
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def base_lora_tensors(unet) -> dict:
+    """LoRA weights added to the base UNet by peft (training with train_base=lora), keyed by module path."""
+    return {name: p for name, p in unet.named_parameters() if ".lora_" in name}
+
+
 def save_adapter(model: ContextAugmentedUNet, path: str | os.PathLike, extra_metadata: dict | None = None) -> Path:
-    """Write the adapter's parameters and metadata; atomic (temp file + rename) so a crash never leaves half a file."""
+    """Write the adapter's parameters and metadata; atomic (temp file + rename) so a crash never leaves half a file.
+
+    LoRA weights on the base (if any) travel in the same file under `base_lora.`, so one file carries
+    everything a generation needs besides the base checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     facts = base_fingerprint(model.unet)
@@ -40,6 +52,11 @@ def save_adapter(model: ContextAugmentedUNet, path: str | os.PathLike, extra_met
     for key, value in (extra_metadata or {}).items():
         metadata[str(key)] = value if isinstance(value, str) else json.dumps(value)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.adapter.state_dict().items()}
+    lora = base_lora_tensors(model.unet)
+    if lora:
+        rank = next(p.shape[0] for n, p in lora.items() if ".lora_A." in n)
+        metadata["base_lora"] = json.dumps({"rank": int(rank), "target_modules": LORA_TARGETS})
+        tensors.update({LORA_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora.items()})
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
@@ -100,6 +117,10 @@ def load_adapter(path: str | os.PathLike, unet, *, device=None, dtype=None) -> C
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise AdapterError(f"adapter: {path.name}: unreadable tensors ({error})") from None
+    lora = {k[len(LORA_PREFIX):]: v for k, v in tensors.items() if k.startswith(LORA_PREFIX)}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(LORA_PREFIX)}
+    if lora:
+        _apply_base_lora(path, metadata, unet, lora)
     expected = adapter.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -115,3 +136,23 @@ def load_adapter(path: str | os.PathLike, unet, *, device=None, dtype=None) -> C
     adapter.load_state_dict(tensors)
     model = ContextAugmentedUNet(unet, adapter=adapter)
     return model.to(device=device or unet.device, dtype=dtype or unet.dtype)
+
+
+def _apply_base_lora(path: Path, metadata: dict, unet, lora: dict) -> None:
+    from peft import LoraConfig
+
+    try:
+        settings = json.loads(metadata["base_lora"])
+        rank = int(settings["rank"])
+    except (KeyError, ValueError, TypeError) as error:
+        raise AdapterError(f"adapter: {path.name}: bad 'base_lora' metadata ({error})") from None
+    if not base_lora_tensors(unet):
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=settings.get("target_modules", LORA_TARGETS)))
+    expected = base_lora_tensors(unet)
+    if set(expected) != set(lora):
+        raise AdapterError(f"adapter: {path.name}: its LoRA weights do not fit this base UNet")
+    with torch.no_grad():
+        for name, value in lora.items():
+            if value.shape != expected[name].shape:
+                raise AdapterError(f"adapter: {path.name}: LoRA tensor {name} has shape {tuple(value.shape)}")
+            expected[name].copy_(value)

@@ -399,14 +399,23 @@ class Trainer:
         return path
 
     def _save_base_weights(self):
+        """LoRA travels inside the adapter file; a fully fine-tuned base is written as a checkpoint of its own:
+        a single-file SD/SDXL checkpoint (usable as --model and in ComfyUI) or, for other bases, the UNet's
+        weights in diffusers layout."""
+        if self.config.train.train_base != "full":
+            return
+        base = self.pipe.base
+        if base.kind in ("sd1", "sd2", "sdxl"):
+            from .loading import export_single_file
+
+            export_single_file(base, self.output_dir / "base_model.safetensors")
+            return
         from safetensors.torch import save_file
 
-        tensors = {n[len("unet."):]: p.detach().cpu().contiguous() for n, p in self.trainable.items()
-                   if n.startswith("unet.")}
-        name = "base_lora.safetensors" if self.config.train.train_base == "lora" else "base_unet.safetensors"
-        tmp = self.output_dir / (name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"train_base": self.config.train.train_base})
-        tmp.replace(self.output_dir / name)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in base.unet.state_dict().items()}
+        tmp = self.output_dir / "base_unet.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"train_base": "full"})
+        tmp.replace(self.output_dir / "base_unet.safetensors")
 
     @torch.no_grad()
     def validate(self):

@@ -188,7 +188,14 @@ def test_training_options(dataset, tmp_path, train):
     result = run_training(config, pipe=_fresh_pipe())
     assert result.step == 2 and all(map(lambda x: x == x, result.losses))
     if train.get("train_base") == "lora":
-        assert (tmp_path / "stage2" / "base_lora.safetensors").is_file()
+        from instruct_core.adapter_io import load_adapter
+
+        meta = read_adapter_metadata(result.adapter_path)
+        assert json.loads(meta["base_lora"])["rank"] == 2
+        fresh = build_tiny_base(seed=0)
+        loaded = load_adapter(result.adapter_path, fresh.unet)
+        lora = {n: p for n, p in loaded.unet.named_parameters() if ".lora_" in n}
+        assert lora and any(p.abs().sum() > 0 for n, p in lora.items() if ".lora_B." in n)
     if train.get("train_base") == "full":
         assert (tmp_path / "stage2" / "base_unet.safetensors").is_file()
 
