@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    build = commands.add_parser("build-default", help="train the bundled default model from scratch")
+    build.add_argument("--out", default=None, help="folder for the model (default: the package's default_model/)")
+    build.add_argument("--work-dir", default="runs/default_model", help="checkpoints and logs")
+    build.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps (e.g. 0.01 to try)")
     return parser
 
 
@@ -157,6 +162,21 @@ def run_train(args) -> int:
     return 130 if result.cancelled else 0
 
 
+def run_build_default(args) -> int:
+    import copy
+
+    from .default_model import DEFAULT_DIR, RECIPE, build
+
+    if args.scale <= 0:
+        raise UsageError(f"--scale: {args.scale} must be positive")
+    recipe = copy.deepcopy(RECIPE)
+    for phase in ("pretrain", "stage1", "stage2"):
+        recipe[phase]["steps"] = max(1, round(recipe[phase]["steps"] * args.scale))
+    build(Path(args.out) if args.out else DEFAULT_DIR, Path(args.work_dir), recipe,
+          log=lambda line: print(line, flush=True))
+    return 0
+
+
 def save_images(images, out: Path) -> list[Path]:
     """Write (B, 3, H, W) images in [0, 1] as PNGs; atomic per file so a reader never sees half an image."""
     import numpy as np
@@ -185,7 +205,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
             TrainingError)
 
 
-COMMANDS = {"generate": run_generate, "train": run_train}
+COMMANDS = {"generate": run_generate, "train": run_train, "build-default": run_build_default}
 
 
 def main(argv: list[str] | None = None) -> int:

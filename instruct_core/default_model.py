@@ -1,0 +1,167 @@
+"""The bundled default model: a small pixel-space (Imagen-like) model trained on the procedural benchmark.
+
+It is built in three phases, all with this package's own trainer:
+  0. text-to-image pretraining of the base UNet (the text encoder is a small, frozen, seeded CLIP),
+  1. stage 1: retrieval-augmented training of the adapter (neighbours from the base's own encoder),
+  2. stage 2: multi-task instruction tuning of the adapter on the benchmark's in-domain tasks.
+`python -m instruct_core build-default` reruns it; the recipe and measured losses are stored beside the
+weights in `default_model/config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+DEFAULT_DIR = Path(__file__).parent / "default_model"
+WEIGHTS = "model.safetensors"
+
+ARCHITECTURE = {
+    "unet": {
+        "sample_size": 32, "in_channels": 3, "out_channels": 3, "block_out_channels": [64, 128, 128],
+        "layers_per_block": 1, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 64,
+        "attention_head_dim": 32, "norm_num_groups": 32,
+    },
+    "text_encoder": {"vocab_size": 49408, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "max_position_embeddings": 32, "projection_dim": 64},
+    "tokenizer_max_length": 32,
+    "scheduler": {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
+                  "prediction_type": "v_prediction"},
+}
+
+RECIPE = {
+    "seed": 0,
+    "pretrain": {"steps": 900, "batch_size": 16, "lr": 4e-4, "warmup_steps": 50},
+    "stage1": {"steps": 300, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "items": 2000},
+    "stage2": {"steps": 700, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20},
+}
+
+
+def build_default_base(seed: int = 0, architecture: dict = ARCHITECTURE):
+    """The default model's base, freshly initialised (seeded)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .loading import BaseModel
+    from .tiny import tiny_tokenizer
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**architecture["text_encoder"])).eval()
+    unet = UNet2DConditionModel(**architecture["unet"]).eval()
+    scheduler = dict(architecture["scheduler"])
+    return BaseModel(unet=unet, vae=None, text_encoders=[text_encoder],
+                     tokenizers=[tiny_tokenizer(architecture["tokenizer_max_length"])], scheduler_config=scheduler,
+                     prediction_type=scheduler["prediction_type"], kind="custom", vae_scaling_factor=1.0,
+                     source="default")
+
+
+def save_default(pipe, folder: Path = DEFAULT_DIR, info: dict | None = None) -> Path:
+    """Weights (fp16: UNet, text encoder, adapter) and config.json; both written atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for prefix, module in (("unet.", pipe.base.unet), ("text_encoder.", pipe.base.text_encoders[0]),
+                           ("adapter.", pipe.model.adapter)):
+        for name, value in module.state_dict().items():
+            if ".lora_" in name:
+                continue
+            tensors[prefix + name] = value.detach().cpu().to(torch.float16 if value.is_floating_point()
+                                                            else value.dtype).contiguous()
+    adapter_config = pipe.model.adapter.config.to_dict()
+    adapter_config["levels"] = list(pipe.model.adapter.levels)
+    config = {"architecture": ARCHITECTURE, "adapter_config": adapter_config, **(info or {})}
+    tmp = folder / (WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "instruct-imagen-default-model", "format_version": "1"})
+    tmp.replace(folder / WEIGHTS)
+    (folder / "config.json.tmp").write_text(json.dumps(config, indent=2))
+    (folder / "config.json.tmp").replace(folder / "config.json")
+    return folder / WEIGHTS
+
+
+def load_default(adapter: str | None = None, device: str = "auto", dtype: str = "auto", adapter_config=None,
+                 folder: Path = DEFAULT_DIR):
+    """The bundled model as an InstructImagen; `adapter` replaces its own trained adapter."""
+    from .context_unet import ContextAdapterConfig, ContextAugmentedUNet
+    from .loading import resolve_device, resolve_dtype
+    from .pipeline import InstructImagen
+
+    config = json.loads((folder / "config.json").read_text())
+    base = build_default_base(architecture=config["architecture"])
+    tensors = load_file(str(folder / WEIGHTS))
+    part = lambda prefix: {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+    base.unet.load_state_dict(part("unet."))
+    base.text_encoders[0].load_state_dict(part("text_encoder."), strict=False)
+    if adapter is not None:
+        pipe = InstructImagen.from_base(base, adapter=adapter)
+    else:
+        own = ContextAdapterConfig.from_dict(config["adapter_config"])
+        model = ContextAugmentedUNet(base.unet, adapter_config or own)
+        if adapter_config is None:
+            model.adapter.load_state_dict(part("adapter."))
+        pipe = InstructImagen(base, model)
+    target_device = resolve_device(device)
+    target_dtype = torch.float32 if dtype == "auto" and target_device.type == "cpu" else resolve_dtype(dtype, target_device)
+    pipe.model.to(device=target_device, dtype=target_dtype)
+    pipe.base.text_encoders[0].to(target_device)
+    return pipe
+
+
+def _trainer_config(phase: dict, output_dir: Path, seed: int, train_base: str):
+    from .train_config import config_from_dict
+
+    return config_from_dict({
+        "stage": 2, "base_model": "default", "output_dir": str(output_dir),
+        "data": {"source": "benchmark", "resolution": ARCHITECTURE["unet"]["sample_size"]},
+        "train": {"steps": phase["steps"], "batch_size": phase["batch_size"], "lr": phase["lr"],
+                  "warmup_steps": phase["warmup_steps"], "seed": seed, "train_base": train_base},
+        "checkpoint": {"every": 100, "keep": 1},
+    })
+
+
+def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"), recipe: dict = RECIPE,
+          phases: tuple[str, ...] = ("pretrain", "stage1", "stage2"), progress=None, log=print) -> dict:
+    """Train the default model from scratch and save it; returns what was measured."""
+    from .bench_tasks import BENCH_MIX, BenchmarkTaskDataset, stage1_items
+    from .context_unet import ContextAugmentedUNet
+    from .pipeline import InstructImagen
+    from .retrieval import ModelEmbedder, RetrievalExamples, build_index, form_clusters
+    from .training import Trainer
+
+    seed = recipe["seed"]
+    base = build_default_base(seed)
+    pipe = InstructImagen(base, ContextAugmentedUNet(base.unet))
+    size = ARCHITECTURE["unet"]["sample_size"]
+    measured: dict = {"recipe": recipe, "phases": {}}
+    for phase in phases:
+        settings = recipe[phase]
+        started = time.perf_counter()
+        if phase == "pretrain":
+            dataset = BenchmarkTaskDataset({"text_to_image": 1.0}, length=100_000, seed=seed, size=size)
+            train_base = "full"
+        elif phase == "stage1":
+            items = stage1_items(settings["items"], seed=seed, size=size)
+            embeddings = ModelEmbedder(pipe, size=size).embed(items)
+            clusters, stats = form_clusters(embeddings, build_index(embeddings, kind="flat"))
+            measured["phases"]["stage1_clusters"] = stats.to_dict()
+            dataset = RetrievalExamples(items, clusters, num_context=3, seed=seed)
+            train_base = "adapter"
+        else:
+            dataset = BenchmarkTaskDataset(BENCH_MIX, length=100_000, seed=seed + 1, size=size)
+            train_base = "adapter"
+        config = _trainer_config(settings, work_dir / phase, seed, train_base)
+        result = Trainer(config, pipe, dataset, progress=progress).run()
+        pipe.base.unet.requires_grad_(False)
+        pipe.model.eval()
+        losses = result.losses
+        measured["phases"][phase] = {
+            "steps": result.step, "seconds": round(time.perf_counter() - started, 1),
+            "loss_first_50": round(sum(losses[:50]) / max(1, len(losses[:50])), 5),
+            "loss_last_50": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 5),
+        }
+        log(f"{phase}: {measured['phases'][phase]}")
+        save_default(pipe, folder, {"build": measured})
+    return measured
