@@ -61,6 +61,23 @@ class Conditioning:
     def num_rows(self) -> int:
         return self.text.shape[0]
 
+    @classmethod
+    def concat(cls, conds: list["Conditioning"]) -> "Conditioning":
+        """Stack encoded instructions along the batch (each row may have its own contexts, K included)."""
+        cat = lambda get: torch.cat([get(c) for c in conds])
+        states = [c.context_state for c in conds]
+        if any(s is not None for s in states):
+            like = next(s for s in states if s is not None)
+            states = [s if s is not None else ContextState.empty(c.num_rows, like) for s, c in zip(states, conds)]
+            state = ContextState.concat(states)
+        else:
+            state = None
+        added = None
+        if conds[0].added_text is not None:
+            added = lambda field: {k: torch.cat([getattr(c, field)[k] for c in conds]) for k in conds[0].added_text}
+        return cls(cat(lambda c: c.text), cat(lambda c: c.null_text), state,
+                   None if added is None else added("added_text"), None if added is None else added("added_null"))
+
     def repeat_rows(self, times: int) -> "Conditioning":
         """Each row repeated `times` times (row 0, row 0, ..., row 1, ...), for a batch of samples."""
         if times == 1:

@@ -187,3 +187,25 @@ def test_same_seed_same_image_on_cpu_and_cuda():
         encoder.to("cuda")
     on_cuda = InstructImagen.from_base(base).generate(_instruction(2), **kwargs).images
     assert (on_cpu - on_cuda).abs().max() < 1e-3
+
+
+def test_several_instructions_sample_as_one_batch(pixel_pipe):
+    """Different instructions (K = 2, 0, 1) in one sampling loop give what each gives alone."""
+    from instruct_core.guidance import Conditioning
+
+    instructions = [_instruction(2), _instruction(0), _instruction(1)]
+    with torch.no_grad():
+        for layer in pixel_pipe.model.adapter.layers.values():
+            layer.to_out.weight.normal_(std=0.1)
+    try:
+        conds = [pixel_pipe.encode_instruction(i, (32, 32)) for i in instructions]
+        kwargs = dict(seed=0, steps=3, sampler="euler", schedule="normal", width=32, height=32)
+        together = pixel_pipe.sample(Conditioning.concat(conds), **kwargs)
+        assert together.images.shape[0] == 3
+        alone = pixel_pipe.sample(conds[0], **kwargs)  # row 0 draws the same noise alone and in the batch
+        assert torch.allclose(alone.images[0], together.images[0], atol=1e-4)
+        assert not torch.allclose(together.images[0], together.images[2], atol=1e-3)
+    finally:
+        with torch.no_grad():
+            for layer in pixel_pipe.model.adapter.layers.values():
+                layer.to_out.weight.zero_()
