@@ -67,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", default=None, help="folder for the model (default: the package's default_model/)")
     build.add_argument("--work-dir", default="runs/default_model", help="checkpoints and logs")
     build.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps (e.g. 0.01 to try)")
+    build.add_argument("--phases", default="pretrain,stage1,stage2,evaluator",
+                       help="comma-separated: pretrain, stage1, stage2, evaluator, ablations")
+
+    evaluate = commands.add_parser("eval", help="score models on the procedural benchmark; writes docs/RESULTS.md")
+    evaluate.add_argument("--variants", default="full,no_stage1,text_only,single:edge_to_image,single:subject")
+    evaluate.add_argument("--tasks", default="all", help="comma-separated task names, or all")
+    evaluate.add_argument("--examples", type=int, default=24, help="test examples per task")
+    evaluate.add_argument("--steps", type=int, default=20)
+    evaluate.add_argument("--seed", type=int, default=1234)
+    evaluate.add_argument("--out", default="docs/RESULTS.md")
+    evaluate.add_argument("--quick", action="store_true", help="a reduced run (CI): 4 examples, 8 steps")
     return parser
 
 
@@ -172,8 +183,44 @@ def run_build_default(args) -> int:
     recipe = copy.deepcopy(RECIPE)
     for phase in ("pretrain", "stage1", "stage2"):
         recipe[phase]["steps"] = max(1, round(recipe[phase]["steps"] * args.scale))
-    build(Path(args.out) if args.out else DEFAULT_DIR, Path(args.work_dir), recipe,
-          log=lambda line: print(line, flush=True))
+    from .default_model import build_ablations, build_evaluator
+
+    folder = Path(args.out) if args.out else DEFAULT_DIR
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = sorted(set(phases) - {"pretrain", "stage1", "stage2", "evaluator", "ablations"})
+    if unknown:
+        raise UsageError(f"--phases: unknown phase {unknown[0]!r}")
+    log = lambda line: print(line, flush=True)
+    training = tuple(p for p in phases if p in ("pretrain", "stage1", "stage2"))
+    if training:
+        build(folder, Path(args.work_dir), recipe, phases=training, log=log)
+    if "evaluator" in phases:
+        build_evaluator(folder, log=log)
+    if "ablations" in phases:
+        build_ablations(folder=folder, work_dir=Path(args.work_dir), recipe=recipe, log=log)
+    return 0
+
+
+def run_eval(args) -> int:
+    import time
+
+    from .bench_tasks import IN_DOMAIN_TASKS, ZERO_SHOT_TASKS
+    from .evaluation import EvalSettings, evaluate, write_results
+
+    settings = EvalSettings(examples_per_task=4 if args.quick else args.examples, seed=args.seed,
+                            steps=8 if args.quick else args.steps)
+    tasks = list(IN_DOMAIN_TASKS + ZERO_SHOT_TASKS) if args.tasks == "all" else args.tasks.split(",")
+    unknown = [t for t in tasks if t not in IN_DOMAIN_TASKS + ZERO_SHOT_TASKS]
+    if unknown:
+        raise UsageError(f"--tasks: unknown task {unknown[0]!r}")
+    variants = [v for v in args.variants.split(",") if v]
+    started = time.perf_counter()
+    results = evaluate(variants, tasks, settings, log=lambda line: print(line, flush=True))
+    command = "python -m instruct_core eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else "eval"
+    path = write_results(results, settings, [t for t in tasks if t in IN_DOMAIN_TASKS],
+                         [t for t in tasks if t in ZERO_SHOT_TASKS], Path(args.out), command,
+                         time.perf_counter() - started)
+    print(path)
     return 0
 
 
@@ -205,7 +252,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
             TrainingError)
 
 
-COMMANDS = {"generate": run_generate, "train": run_train, "build-default": run_build_default}
+COMMANDS = {"generate": run_generate, "train": run_train, "build-default": run_build_default, "eval": run_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -165,3 +165,50 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
         log(f"{phase}: {measured['phases'][phase]}")
         save_default(pipe, folder, {"build": measured})
     return measured
+
+
+def build_evaluator(folder: Path = DEFAULT_DIR, seed: int = 0, steps: int = 1200, log=print) -> dict:
+    """Train the benchmark's evaluator (the measuring instrument) and store it beside the model."""
+    from .bench_metrics import evaluator_accuracy, train_evaluator
+
+    started = time.perf_counter()
+    evaluator = train_evaluator(seed=seed, steps=steps)
+    evaluator.save(folder / "evaluator.safetensors")
+    accuracy = {k: round(v, 4) for k, v in evaluator_accuracy(evaluator).items()}
+    info = {"steps": steps, "seconds": round(time.perf_counter() - started, 1), "accuracy": accuracy}
+    log(f"evaluator: {info}")
+    return info
+
+
+def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subject"), folder: Path = DEFAULT_DIR,
+                    work_dir: Path = Path("runs/default_model"), recipe: dict = RECIPE, log=print) -> dict:
+    """Adapters for the evaluation's ablations, each trained on the default model's pretrained base."""
+    from .bench_tasks import BENCH_MIX, BenchmarkTaskDataset
+    from .context_unet import ContextAdapterConfig, ContextAugmentedUNet
+    from .adapter_io import save_adapter
+    from .pipeline import InstructImagen
+    from .training import Trainer
+
+    config = json.loads((folder / "config.json").read_text())
+    size = ARCHITECTURE["unet"]["sample_size"]
+    measured = {}
+    for variant in variants:
+        pipe = load_default(device="cpu", folder=folder)
+        fresh = ContextAugmentedUNet(pipe.base.unet, ContextAdapterConfig.from_dict(config["adapter_config"]))
+        pipe = InstructImagen(pipe.base, fresh)
+        settings = dict(recipe["stage2"])
+        if variant == "no_stage1":
+            mix = BENCH_MIX
+        else:
+            mix = {variant.split(":", 1)[1]: 1.0}
+            settings["steps"] = settings["steps"] // 2
+        dataset = BenchmarkTaskDataset(mix, length=100_000, seed=recipe["seed"] + 1, size=size)
+        started = time.perf_counter()
+        result = Trainer(_trainer_config(settings, work_dir / variant.replace(":", "_"), recipe["seed"], "adapter"),
+                         pipe, dataset).run()
+        path = save_adapter(pipe.model, folder / "ablations" / f"{variant.replace(':', '_')}.safetensors",
+                            {"variant": variant, "trained_steps": result.step})
+        measured[variant] = {"steps": result.step, "seconds": round(time.perf_counter() - started, 1),
+                             "loss_last_50": round(sum(result.losses[-50:]) / max(1, len(result.losses[-50:])), 5)}
+        log(f"{variant}: {measured[variant]} -> {path.name}")
+    return measured
