@@ -36,9 +36,9 @@ ARCHITECTURE = {
 
 RECIPE = {
     "seed": 0,
-    "pretrain": {"steps": 900, "batch_size": 16, "lr": 4e-4, "warmup_steps": 50},
-    "stage1": {"steps": 300, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "items": 2000},
-    "stage2": {"steps": 700, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20},
+    "pretrain": {"steps": 500, "batch_size": 16, "lr": 4e-4, "warmup_steps": 50},
+    "stage1": {"steps": 150, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "items": 2000},
+    "stage2": {"steps": 400, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20},
 }
 
 
@@ -118,7 +118,7 @@ def _trainer_config(phase: dict, output_dir: Path, seed: int, train_base: str):
         "data": {"source": "benchmark", "resolution": ARCHITECTURE["unet"]["sample_size"]},
         "train": {"steps": phase["steps"], "batch_size": phase["batch_size"], "lr": phase["lr"],
                   "warmup_steps": phase["warmup_steps"], "seed": seed, "train_base": train_base},
-        "checkpoint": {"every": 100, "keep": 1},
+        "checkpoint": {"every": 50, "keep": 1},
     })
 
 
@@ -153,7 +153,7 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
             dataset = BenchmarkTaskDataset(BENCH_MIX, length=100_000, seed=seed + 1, size=size)
             train_base = "adapter"
         config = _trainer_config(settings, work_dir / phase, seed, train_base)
-        result = Trainer(config, pipe, dataset, progress=progress).run()
+        result = Trainer(config, pipe, dataset, progress=progress).run(resume=True)  # an interrupted build goes on
         pipe.base.unet.requires_grad_(False)
         pipe.model.eval()
         losses = result.losses
