@@ -1,0 +1,152 @@
+"""What every node shares: the pack's socket types, library errors as node errors, tensor conversions.
+
+ComfyUI's conventions: IMAGE is float (B, H, W, C) in [0, 1]; MASK is float (B, H, W) in [0, 1], 1 where
+masked; LATENT is {"samples": (B, C, h, w)} in raw VAE space. The library's are (B, C, H, W) tensors and
+PIL images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from comfy_api.latest import io
+from PIL import Image
+
+from ..instruct_core.instruction import Context, InstructionError
+
+CATEGORY = "Instruct-Imagen"
+
+Model = io.Custom("INSTRUCT_IMAGEN_MODEL")
+ContextSocket = io.Custom("INSTRUCT_CONTEXT")
+Instruction = io.Custom("INSTRUCTION")
+Conditioning = io.Custom("INSTRUCT_CONDITIONING")
+
+
+@dataclass
+class ModelHandle:
+    """An INSTRUCT_IMAGEN_MODEL value: the pipeline and what it was loaded from."""
+
+    pipe: object  # instruct_core.pipeline.InstructImagen
+    name: str
+    adapter: str | None = None
+    dtype: str = "auto"
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}+{self.adapter or 'none'}@{self.dtype}#{id(self.pipe)}"
+
+
+@dataclass
+class ContextInput:
+    """An INSTRUCT_CONTEXT value: one context image before the builder gives it its id (its slot)."""
+
+    modality: str
+    text: str
+    image: Image.Image
+    mask: Image.Image | None = None
+    weight: float = 1.0
+
+    def with_id(self, context_id: int) -> Context:
+        return Context(id=context_id, modality=self.modality, text=self.text, image=self.image, mask=self.mask,
+                       weight=self.weight)
+
+
+@dataclass
+class EncodedInstruction:
+    """An INSTRUCT_CONDITIONING value: the instruction encoded once, and the model that encoded it."""
+
+    cond: object  # instruct_core.guidance.Conditioning
+    model_key: str
+    context_size: tuple[int, int]
+    summary: dict = field(default_factory=dict)
+
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    from ..instruct_core.adapter_io import AdapterError
+    from ..instruct_core.data import DataError
+    from ..instruct_core.loading import ModelLoadError
+    from ..instruct_core.train_config import ConfigError
+    from ..instruct_core.training import TrainingError
+
+    return (InstructionError, AdapterError, ModelLoadError, ConfigError, DataError, TrainingError)
+
+
+@contextlib.contextmanager
+def node_errors():
+    """Library errors surface as ValueError with the library's message: one clear line in the UI."""
+    try:
+        yield
+    except _library_errors() as error:
+        raise ValueError(str(error)) from None
+
+
+# -- conversions ------------------------------------------------------------------------------------------
+
+def image_to_pil(image: torch.Tensor, field: str) -> Image.Image:
+    """The one image of an IMAGE batch as RGB."""
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    if image.dim() != 4 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"{field}: expected an IMAGE of shape (B, H, W, C), got {tuple(image.shape)}")
+    if image.shape[0] != 1:
+        raise ValueError(f"{field}: got a batch of {image.shape[0]} images; a context takes one "
+                         f"(pick one with ImageFromBatch)")
+    array = (image[0].detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    if array.shape[-1] == 1:
+        return Image.fromarray(array[..., 0], "L").convert("RGB")
+    return Image.fromarray(array[..., :3], "RGB")
+
+
+def mask_to_pil(mask: torch.Tensor, size: tuple[int, int], field: str) -> Image.Image:
+    """A MASK as an "L" image of `size`: white where the mask is 1, which is where the context applies."""
+    if mask.dim() == 3:
+        if mask.shape[0] != 1:
+            raise ValueError(f"{field}: got a batch of {mask.shape[0]} masks; a context takes one")
+        mask = mask[0]
+    if mask.dim() != 2:
+        raise ValueError(f"{field}: expected a MASK of shape (B, H, W), got {tuple(mask.shape)}")
+    array = (mask.detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    image = Image.fromarray(array, "L")
+    return image if image.size == size else image.resize(size, Image.Resampling.BILINEAR)
+
+
+def images_to_comfy(images: torch.Tensor) -> torch.Tensor:
+    """Library images (B, 3, H, W) in [0, 1] as an IMAGE (B, H, W, 3)."""
+    return images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+
+
+def comfy_to_images(image: torch.Tensor) -> torch.Tensor:
+    """An IMAGE (B, H, W, C) as library images (B, 3, H, W)."""
+    return image[..., :3].detach().float().permute(0, 3, 1, 2).contiguous()
+
+
+def pil_to_comfy(image: Image.Image) -> torch.Tensor:
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array.copy()).unsqueeze(0)
+
+
+# -- models shared between nodes --------------------------------------------------------------------------
+
+# Loaded pipelines by what they were loaded from. Values are held weakly: a pipeline lives exactly as long
+# as ComfyUI's node-output cache (or a running node) holds it, so POST /free {"free_memory": true}, which
+# drops that cache, releases it; this table only lets two loaders of the same model share one copy.
+_LOADED: "weakref.WeakValueDictionary[tuple, ModelHandle]" = weakref.WeakValueDictionary()
+
+
+def cached_model(key: tuple, load) -> ModelHandle:
+    handle = _LOADED.get(key)
+    if handle is None:
+        handle = load()
+        _LOADED[key] = handle
+        weakref.finalize(handle, _released, key[0])
+    return handle
+
+
+def _released(name: str) -> None:
+    import logging
+
+    logging.info("[Instruct-Imagen] released model %s", name)

@@ -1,0 +1,44 @@
+"""comfy.model_management: the interrupt flag and the device queries, as in ComfyUI 0.8 on a CPU."""
+
+import threading
+
+import torch
+
+
+class InterruptProcessingException(Exception):
+    pass
+
+
+interrupt_processing_mutex = threading.RLock()
+interrupt_processing = False
+
+
+def interrupt_current_processing(value=True):
+    global interrupt_processing
+    with interrupt_processing_mutex:
+        interrupt_processing = value
+
+
+def processing_interrupted():
+    with interrupt_processing_mutex:
+        return interrupt_processing
+
+
+def throw_exception_if_processing_interrupted():
+    global interrupt_processing
+    with interrupt_processing_mutex:
+        if interrupt_processing:
+            interrupt_processing = False
+            raise InterruptProcessingException()
+
+
+def get_torch_device():
+    return torch.device("cpu")
+
+
+def intermediate_device():
+    return torch.device("cpu")
+
+
+def free_memory(memory_required, device, keep_loaded=[]):
+    return []

@@ -1,0 +1,221 @@
+"""The pack inside a real ComfyUI: loading, /object_info, templates, every example workflow, errors, /free,
+interrupt. Runs when COMFYUI_PATH (a ComfyUI checkout) and COMFYUI_PYTHON (its interpreter) are set; see
+docs/COMFYUI.md. The server gets its own base directory and a free loopback port."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from instruct_core import client
+
+ROOT = Path(__file__).resolve().parent.parent
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON")
+PACK = "instruct_imagen"
+NODE_IDS = {"InstructImagenLoader", "ContextImage", "InstructionBuilder", "MultiModalEncode", "InstructSampler",
+            "InstructionFromJSON", "InstructionToJSON", "AdapterSaver", "FineTuneStage"}
+WORKFLOWS = sorted((ROOT / "workflows" / "api").glob("*.json"))
+
+pytestmark = pytest.mark.skipif(not (COMFYUI_PATH and COMFYUI_PYTHON),
+                                reason="set COMFYUI_PATH and COMFYUI_PYTHON to run against a real ComfyUI")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base: Path):
+        self.base = base
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = base / "comfyui.log"
+        (base / "custom_nodes").mkdir(parents=True)
+        (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
+        (base / "extra" / "adapters").mkdir(parents=True)
+        (base / "extra" / "adapters" / "from_extra_paths.safetensors").write_bytes(b"listed, never loaded")
+        (base / "extra_model_paths.yaml").write_text(
+            f"tests:\n  base_path: {base / 'extra'}\n  instruct_imagen: adapters/\n")
+        command = [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+                   "--base-directory", str(base), "--disable-auto-launch",
+                   "--extra-model-paths-config", str(base / "extra_model_paths.yaml")]
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(command, cwd=COMFYUI_PATH, stdout=self.log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited early:\n{self.log_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(self.url + "/system_stats", timeout=2).read()
+                return
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError(f"ComfyUI did not start in {timeout} s:\n{self.log_text()[-3000:]}")
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            body = response.read()
+        return json.loads(body) if body[:1] in (b"{", b"[") else body
+
+    def post(self, path: str, data: dict) -> None:
+        request = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=30).read()
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    running = Server(tmp_path_factory.mktemp("comfyui"))
+    yield running
+    running.stop()
+
+
+def run(server: Server, graph: dict, timeout: float = 600) -> dict:
+    comfy = client.ComfyClient(server.url)
+    events = comfy.open_events(timeout)
+    try:
+        prompt_id = comfy.queue(graph)
+        return client.follow(comfy, events, prompt_id, graph, timeout, say=lambda line: None)
+    finally:
+        events.close()
+
+
+def load(name: str) -> dict:
+    return json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+
+
+def test_pack_loads_and_its_nodes_are_served(server):
+    timing = [line for line in server.log_text().split("Import times for custom nodes")[1].splitlines()
+              if line.rstrip().endswith(f"custom_nodes/{PACK}") or f"custom_nodes/{PACK} " in line]
+    assert timing and "IMPORT FAILED" not in timing[0], timing
+    info = server.get("/object_info")
+    assert NODE_IDS <= set(info)
+    assert {info[n]["category"] for n in NODE_IDS} == {"Instruct-Imagen"}
+    assert info["InstructionBuilder"]["input"]["required"]["contexts"][0] == "COMFY_AUTOGROW_V3"
+    assert info["InstructSampler"]["output"] == ["LATENT", "IMAGE"]
+    adapters = info["InstructImagenLoader"]["input"]["required"]["adapter"][1]["options"]
+    assert "from_extra_paths.safetensors" in adapters  # the folder is registered for extra_model_paths.yaml
+    assert (server.base / "input" / "instruct_imagen" / "subject_toy.png").is_file()
+
+
+def test_templates_and_frontend_extension_are_served(server):
+    templates = server.get("/workflow_templates")
+    assert sorted(templates[PACK]) == sorted(p.stem for p in WORKFLOWS)
+    served = server.get(f"/api/workflow_templates/{PACK}/subject.json")
+    assert served == json.loads((ROOT / "example_workflows" / "subject.json").read_text())
+    assert server.get(f"/api/workflow_templates/{PACK}/subject.jpg")[:2] == b"\xff\xd8"
+    assert any(url.endswith("instruct_imagen.js") for url in server.get("/extensions"))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_every_example_workflow_returns_images(server, path):
+    graph = json.loads(path.read_text())
+    entry = run(server, graph)
+    images = [item for outputs in entry["outputs"].values() for item in outputs.get("images", [])]
+    assert images, f"{path.stem}: no images"
+    comfy = client.ComfyClient(server.url)
+    for item in images:
+        picture = Image.open(io.BytesIO(comfy.download(item)))
+        assert picture.size[0] > 0
+    if path.stem == "training":
+        assert (server.base / "models" / "instruct_imagen" / "example_adapter.safetensors").is_file()
+
+
+def test_a_bad_prompt_gets_node_errors_and_the_server_keeps_serving(server):
+    graph = load("subject")
+    graph["4"]["inputs"]["instruction"] = "Put [ref#1] next to [ref#2]"
+    with pytest.raises(client.PromptRejected) as rejected:
+        client.ComfyClient(server.url).queue(graph)
+    errors = rejected.value.response["node_errors"]["4"]
+    assert errors["class_type"] == "InstructionBuilder"
+    assert "[ref#2] has no context" in errors["errors"][0]["details"]
+
+    broken = load("text_to_image")
+    broken["4"]["inputs"]["width"] = 30
+    with pytest.raises(client.ClientError, match="InstructSampler.*width: 30 must be a positive multiple of 4"):
+        run(server, broken)
+    assert server.get("/system_stats")["system"]
+    assert run(server, load("text_to_image"))["outputs"]
+
+
+def test_the_command_line_client_against_comfyui(server, tmp_path):
+    command = [sys.executable, "-m", "instruct_core.client", "run", str(ROOT / "workflows/api/text_to_image.json"),
+               "--server", server.url, "--out", str(tmp_path), "--set", "4.seed=11"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert list(tmp_path.glob("5_text_to_image_*.png"))
+    command[-1] = "4.sampler=nope"
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2
+    assert "node 4 (InstructSampler): Value not in list" in refused.stderr
+
+
+def test_free_releases_the_models(server):
+    run(server, load("text_to_image"))
+    line = "[Instruct-Imagen] released model default"
+    before = server.log_text().count(line)
+    server.post("/free", {"unload_models": True, "free_memory": True})
+    deadline = time.monotonic() + 60
+    while server.log_text().count(line) == before:
+        assert time.monotonic() < deadline, "the model was not released after POST /free"
+        time.sleep(0.5)
+
+
+def test_interrupt_stops_sampling_within_a_step(server):
+    graph = load("text_to_image")
+    graph["4"]["inputs"].update(steps=400, seed=99)
+    comfy = client.ComfyClient(server.url)
+    events = comfy.open_events(600)
+    stopped = {}
+
+    def watch():
+        for event in events.messages():
+            data = event.get("data") or {}
+            if event["type"] == "progress" and data.get("value") == 2:
+                server.post("/interrupt", {})
+                stopped["at"] = 2
+            if event["type"] == "execution_interrupted":
+                stopped["interrupted"] = True
+                return
+            if event["type"] == "progress" and "at" in stopped:
+                stopped["last"] = data["value"]
+
+    try:
+        comfy.queue(graph)
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        watcher.join(300)
+    finally:
+        events.close()
+    assert stopped.get("interrupted")
+    assert stopped.get("last", 2) <= 3
