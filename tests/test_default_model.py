@@ -1,0 +1,64 @@
+"""The bundled default model, its evaluator, and a reduced benchmark evaluation (the CI run of `eval`)."""
+
+import json
+
+import pytest
+import torch
+
+from instruct_core.cli import main
+from instruct_core.default_model import DEFAULT_DIR, WEIGHTS, load_default
+from instruct_core.evaluation import EVALUATOR_FILE, bootstrap_interval
+from instruct_core.models import default_model_available, load_pipeline
+
+pytestmark = pytest.mark.skipif(not default_model_available(), reason="no default model bundled")
+
+
+def test_bundled_files_are_small_and_described():
+    weights = DEFAULT_DIR / WEIGHTS
+    assert weights.stat().st_size < 40 * 2**20
+    config = json.loads((DEFAULT_DIR / "config.json").read_text())
+    assert {"architecture", "adapter_config", "build"} <= set(config)
+    phases = config["build"]["phases"]
+    assert {"pretrain", "stage1", "stage2"} <= set(phases)
+    for name in ("pretrain", "stage2"):
+        assert phases[name]["loss_last_50"] < phases[name]["loss_first_50"]  # training lowered the loss
+
+
+def test_default_is_what_the_cli_and_api_load():
+    pipe = load_pipeline("default", device="cpu")
+    assert pipe.base.source == "default" and pipe.base.vae is None and pipe.native_size == 32
+    trained = any(layer.to_out.weight.abs().sum() > 0 for layer in pipe.model.adapter.layers.values())
+    assert trained, "the bundled adapter must be trained, not zero-init"
+
+
+def test_default_model_generates_deterministically():
+    from instruct_core.bench_tasks import make_split
+
+    pipe = load_default(device="cpu")
+    example = make_split("edge_to_image", "test", 1, seed=3)[0]
+    a = pipe.generate(example.instruction, seed=1, steps=6).images
+    b = pipe.generate(example.instruction, seed=1, steps=6).images
+    assert torch.equal(a, b) and a.shape == (1, 3, 32, 32)
+    assert a.std() > 0.05  # an image, not a flat field
+
+
+def test_bootstrap_interval_brackets_the_mean():
+    mean, low, high = bootstrap_interval([0.0, 1.0] * 20, seed=0)
+    assert mean == 0.5 and low < 0.5 < high and high - low < 0.4
+    assert bootstrap_interval([0.3] * 5) == (0.3, 0.3, 0.3)
+
+
+@pytest.mark.skipif(not EVALUATOR_FILE.is_file(), reason="no evaluator bundled")
+def test_reduced_eval_writes_the_results_tables(tmp_path, capsys):
+    out = tmp_path / "RESULTS.md"
+    code = main(["eval", "--quick", "--variants", "full,text_only", "--tasks", "edge_to_image,control_subject",
+                 "--out", str(out)])
+    assert code == 0
+    text = out.read_text()
+    assert "| edge_to_image |" in text and "| control_subject |" in text and "zero-shot" in text
+    data = json.loads((tmp_path / "results.json").read_text())
+    for variant in ("full", "text_only"):
+        for task in ("edge_to_image", "control_subject"):
+            mean, low, high = data["results"][variant][task]["overall"]
+            assert 0.0 <= low <= mean <= high <= 1.0
+    assert (tmp_path / "results_in_domain.png").is_file()
