@@ -38,7 +38,7 @@ RECIPE = {
     "seed": 0,
     "pretrain": {"steps": 500, "batch_size": 16, "lr": 4e-4, "warmup_steps": 50},
     "stage1": {"steps": 150, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "items": 2000},
-    "stage2": {"steps": 400, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20},
+    "stage2": {"steps": 200, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20},
 }
 
 
@@ -132,10 +132,15 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
     from .training import Trainer
 
     seed = recipe["seed"]
-    base = build_default_base(seed)
-    pipe = InstructImagen(base, ContextAugmentedUNet(base.unet))
+    if "pretrain" in phases:
+        base = build_default_base(seed)
+        pipe = InstructImagen(base, ContextAugmentedUNet(base.unet))
+        measured: dict = {"recipe": recipe, "phases": {}}
+    else:  # later phases continue from the saved model (its pretrained base and adapter)
+        pipe = load_default(device="cpu", folder=folder)
+        measured = json.loads((folder / "config.json").read_text()).get("build", {"phases": {}})
+        measured["recipe"] = recipe
     size = ARCHITECTURE["unet"]["sample_size"]
-    measured: dict = {"recipe": recipe, "phases": {}}
     for phase in phases:
         settings = recipe[phase]
         started = time.perf_counter()
