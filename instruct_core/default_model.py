@@ -182,6 +182,11 @@ def build_evaluator(folder: Path = DEFAULT_DIR, seed: int = 0, steps: int = 1200
     accuracy = {k: round(v, 4) for k, v in evaluator_accuracy(evaluator).items()}
     info = {"steps": steps, "seconds": round(time.perf_counter() - started, 1), "accuracy": accuracy}
     log(f"evaluator: {info}")
+    config_path = folder / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        config.setdefault("build", {}).setdefault("phases", {})["evaluator"] = info
+        config_path.write_text(json.dumps(config, indent=2))
     return info
 
 
