@@ -15,6 +15,12 @@ from .context_unet import ContextAdapter, ContextAdapterConfig, ContextAugmented
 ADAPTER_FORMAT = "instruct-imagen-adapter"
 ADAPTER_FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a header larger than this is not an adapter we wrote
+# Bounds on the metadata's adapter_config, checked before any parameter is allocated from it: a file we
+# wrote stays far inside them, and a hostile one cannot make a load allocate gigabytes.
+MAX_NUM_FREQS = 32          # Fourier position features; float32 positions carry no detail past ~2**24
+MAX_MODALITIES = 256
+MAX_CONTEXTS_LIMIT = 1024
+MAX_ENCODE_TIMESTEP = 9999  # training schedules have 1000 steps
 
 
 class AdapterError(ValueError):
@@ -58,8 +64,15 @@ def save_adapter(model: ContextAugmentedUNet, path: str | os.PathLike, extra_met
         metadata["base_lora"] = json.dumps({"rank": int(rank), "target_modules": LORA_TARGETS})
         tensors.update({LORA_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora.items()})
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except SafetensorError as error:  # how safetensors reports a failed write (disk full, quota)
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"adapter: could not write {path} ({error})") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -96,6 +109,8 @@ def _check_base(path: Path, metadata: dict, unet) -> None:
         expected = json.loads(metadata.get("base_architecture", "{}"))
     except json.JSONDecodeError:
         expected = {}
+    if not isinstance(expected, dict):
+        expected = {}
     differing = [f"{k}: adapter {expected.get(k)!r} vs base {facts.get(k)!r}"
                  for k in facts if expected.get(k) != facts.get(k)]
     detail = "; ".join(differing) or "fingerprint differs"
@@ -107,11 +122,11 @@ def load_adapter(path: str | os.PathLike, unet, *, device=None, dtype=None) -> C
     path = Path(path)
     metadata = read_adapter_metadata(path)
     _check_base(path, metadata, unet)
+    config = _adapter_config(path, metadata)
     try:
-        config = ContextAdapterConfig.from_dict(json.loads(metadata["adapter_config"]))
-    except (KeyError, json.JSONDecodeError, TypeError, ValueError) as error:
-        raise AdapterError(f"adapter: {path.name}: bad 'adapter_config' metadata ({error})") from None
-    adapter = ContextAdapter(unet, config)
+        adapter = ContextAdapter(unet, config)
+    except ValueError as error:  # levels the base has no cross-attention at
+        raise AdapterError(f"adapter: {path.name}: {error}") from None
     try:
         with safe_open(str(path), framework="pt") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
@@ -119,8 +134,6 @@ def load_adapter(path: str | os.PathLike, unet, *, device=None, dtype=None) -> C
         raise AdapterError(f"adapter: {path.name}: unreadable tensors ({error})") from None
     lora = {k[len(LORA_PREFIX):]: v for k, v in tensors.items() if k.startswith(LORA_PREFIX)}
     tensors = {k: v for k, v in tensors.items() if not k.startswith(LORA_PREFIX)}
-    if lora:
-        _apply_base_lora(path, metadata, unet, lora)
     expected = adapter.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -131,11 +144,49 @@ def load_adapter(path: str | os.PathLike, unet, *, device=None, dtype=None) -> C
         if tensor.shape != expected[key].shape:
             raise AdapterError(f"adapter: {path.name}: tensor {key} has shape {tuple(tensor.shape)}, "
                                f"expected {tuple(expected[key].shape)}")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise AdapterError(f"adapter: {path.name}: tensor {key} holds NaN or infinite values")
+        _check_values(path, key, tensor)
+    if lora:  # last: the base UNet is changed only once everything else in the file has passed
+        _apply_base_lora(path, metadata, unet, lora)
     adapter.load_state_dict(tensors)
     model = ContextAugmentedUNet(unet, adapter=adapter)
     return model.to(device=device or unet.device, dtype=dtype or unet.dtype)
+
+
+def _adapter_config(path: Path, metadata: dict) -> ContextAdapterConfig:
+    """The adapter's config from its metadata, with every size it sets checked before anything is built."""
+    try:
+        data = json.loads(metadata["adapter_config"])
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+        config = ContextAdapterConfig.from_dict(data)
+    except (KeyError, json.JSONDecodeError, TypeError, ValueError) as error:
+        raise AdapterError(f"adapter: {path.name}: bad 'adapter_config' metadata ({error})") from None
+    checks = [
+        (_is_int(config.num_freqs, 1, MAX_NUM_FREQS), "num_freqs", f"an integer in 1..{MAX_NUM_FREQS}"),
+        (_is_int(config.max_contexts, 1, MAX_CONTEXTS_LIMIT), "max_contexts", f"an integer in 1..{MAX_CONTEXTS_LIMIT}"),
+        (_is_int(config.encode_timestep, 0, MAX_ENCODE_TIMESTEP), "encode_timestep",
+         f"an integer in 0..{MAX_ENCODE_TIMESTEP}"),
+        (1 <= len(config.modalities) <= MAX_MODALITIES and all(isinstance(m, str) for m in config.modalities),
+         "modalities", f"a list of 1..{MAX_MODALITIES} names"),
+    ]
+    for ok, key, expected in checks:
+        if not ok:
+            value = getattr(config, key)
+            shown = f"{len(value)} entries" if key == "modalities" else repr(value)[:40]
+            raise AdapterError(f"adapter: {path.name}: adapter_config.{key} is {shown}, expected {expected}")
+    return config
+
+
+def _is_int(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _check_values(path: Path, key: str, tensor: torch.Tensor) -> None:
+    if not tensor.is_floating_point():
+        raise AdapterError(f"adapter: {path.name}: tensor {key} has dtype {tensor.dtype}, expected floating point")
+    # float32 first: isfinite is not implemented for every storage dtype (float8).
+    if not torch.isfinite(tensor.float()).all():
+        raise AdapterError(f"adapter: {path.name}: tensor {key} holds NaN or infinite values")
 
 
 def _apply_base_lora(path: Path, metadata: dict, unet, lora: dict) -> None:
@@ -143,16 +194,39 @@ def _apply_base_lora(path: Path, metadata: dict, unet, lora: dict) -> None:
 
     try:
         settings = json.loads(metadata["base_lora"])
-        rank = int(settings["rank"])
+        if not isinstance(settings, dict):
+            raise TypeError(f"expected a JSON object, got {type(settings).__name__}")
+        rank, targets = settings["rank"], settings.get("target_modules", LORA_TARGETS)
+        if not _is_int(rank, 1, 2**31):
+            raise ValueError(f"rank {str(rank)[:20]} is not a positive integer")
+        if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+            raise TypeError("target_modules must be a list of module names")
     except (KeyError, ValueError, TypeError) as error:
         raise AdapterError(f"adapter: {path.name}: bad 'base_lora' metadata ({error})") from None
+    for name, value in lora.items():
+        _check_values(path, LORA_PREFIX + name, value)
     if not base_lora_tensors(unet):
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=settings.get("target_modules", LORA_TARGETS)))
+        # Checked against the file before peft allocates anything: the LoRA built is exactly what it holds.
+        if _lora_shapes(unet, rank, targets) != {name: tuple(v.shape) for name, v in lora.items()}:
+            raise AdapterError(f"adapter: {path.name}: its LoRA weights do not fit this base UNet "
+                               f"(rank {rank}, targets {targets[:4]})")
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
     expected = base_lora_tensors(unet)
     if set(expected) != set(lora):
         raise AdapterError(f"adapter: {path.name}: its LoRA weights do not fit this base UNet")
+    for name, value in lora.items():
+        if value.shape != expected[name].shape:
+            raise AdapterError(f"adapter: {path.name}: LoRA tensor {name} has shape {tuple(value.shape)}")
     with torch.no_grad():
         for name, value in lora.items():
-            if value.shape != expected[name].shape:
-                raise AdapterError(f"adapter: {path.name}: LoRA tensor {name} has shape {tuple(value.shape)}")
             expected[name].copy_(value)
+
+
+def _lora_shapes(unet, rank: int, targets: list[str]) -> dict[str, tuple[int, int]]:
+    """The LoRA tensors peft would add for `targets` (its suffix match on module names), with their shapes."""
+    shapes = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            shapes[f"{name}.lora_A.default.weight"] = (rank, module.in_features)
+            shapes[f"{name}.lora_B.default.weight"] = (module.out_features, rank)
+    return shapes

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_PREFIX = "step_"
@@ -70,16 +71,17 @@ def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 2) -> Path
     try:
         tensors: dict = {}
         structure = flatten_state(state, tensors)
-        save_file(tensors, str(tmp / "tensors.safetensors"))
+        try:
+            save_file(tensors, str(tmp / "tensors.safetensors"))
+        except SafetensorError as error:  # safetensors' own type for a failed write (disk full, quota)
+            raise OSError(f"{tmp / 'tensors.safetensors'}: {error}") from None
         with open(tmp / "state.json", "w") as handle:
             json.dump({"step": step, "state": structure}, handle)
             handle.flush()
             os.fsync(handle.fileno())
         with open(tmp / "tensors.safetensors", "rb") as handle:
             os.fsync(handle.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _replace_folder(tmp, final)
         _fsync_dir(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -87,6 +89,24 @@ def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 2) -> Path
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _replace_folder(new: Path, final: Path) -> None:
+    """Rename `new` to `final`. A folder already there (the same step saved twice: a cancel right after a
+    periodic save) is set aside and put back if the rename fails, so a failed save never costs the copy
+    of that step already on disk."""
+    if not final.exists():
+        os.replace(new, final)
+        return
+    aside = final.with_name(final.name + ".old.tmp")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(final, aside)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        os.replace(aside, final)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

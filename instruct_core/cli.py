@@ -1,16 +1,21 @@
 """Command line: `python -m instruct_core generate ...` (also installed as `instruct-imagen`).
 
-Bad input ends with exit code 2 and one line naming what is wrong; no traceback.
+Bad input ends with exit code 2 and one line naming what is wrong; no traceback. A fault of the machine
+rather than the input (a full disk, a permission) ends with exit code 1 and one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
+EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
+# torch generators take seeds in [-2**63, 2**64 - 1]; generation also uses seed + 1
+SEED_RANGE = (-(2**63), 2**64 - 2)
 
 
 class UsageError(ValueError):
@@ -109,13 +114,18 @@ def run_generate(args) -> int:
 
     from .models import load_pipeline
 
+    if args.batch < 1:
+        raise UsageError(f"--batch: {args.batch} must be at least 1")
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise UsageError(f"--seed: must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}")
+    for flag, value in (("--cfg-text", args.cfg_text), ("--cfg-context", args.cfg_context)):
+        if not math.isfinite(value):
+            raise UsageError(f"{flag}: {value} must be a finite number")
     pipe = load_pipeline(args.model, args.adapter, args.device, args.dtype, args.allow_pickle)
     instruction = load_instruction(args.instruction, root=args.root, known_modalities=pipe.known_modalities,
                                    max_contexts=pipe.max_contexts)
     width = args.width or pipe.native_size
     height = args.height or pipe.native_size
-    if args.batch < 1:
-        raise UsageError(f"--batch: {args.batch} must be at least 1")
     init = _load_init_image(args.init_image, width, height) if args.init_image else None
     if init is None and args.denoise != 1.0:
         raise UsageError("--denoise: needs --init-image")
@@ -235,8 +245,12 @@ def save_images(images, out: Path) -> list[Path]:
     for image, path in zip(images, paths):
         array = (image.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
         tmp = path.with_name(path.name + ".tmp")
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        try:
+            Image.fromarray(array).save(tmp, format="PNG")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return paths
 
 
@@ -263,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     except _bad_input_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as error:  # the machine, not the input: a full disk, a permission, a lost mount
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -14,10 +14,14 @@ Example (recipes/ holds complete ones):
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
+
+MAX_RESOLUTION = 4096          # the instruction format's image limit is 4096 x 4096 pixels
+MAX_BATCH_PIXELS = 2**26       # pixels per micro-batch (64 images of 1024 x 1024): beyond any one GPU
 
 
 class ConfigError(ValueError):
@@ -104,11 +108,18 @@ class TrainConfig:
             (self.train.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "must be no, fp16 or bf16"),
             (self.train.train_base in ("adapter", "lora", "full"), "train.train_base", "must be adapter, lora or full"),
             (0 <= self.train.ema_decay < 1, "train.ema_decay", "must be in [0, 1)"),
+            (self.train.lora_rank >= 1, "train.lora_rank", "must be at least 1"),
+            (self.train.seed >= 0, "train.seed", "must be >= 0"),
             (0 <= self.train.p_drop_all + self.train.p_drop_context <= 1, "train.p_drop_all",
              "p_drop_all + p_drop_context must be in [0, 1]"),
             (self.checkpoint.every >= 1, "checkpoint.every", "must be at least 1"),
             (self.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1"),
-            (self.data.resolution >= 8, "data.resolution", "must be at least 8"),
+            (8 <= self.data.resolution <= MAX_RESOLUTION, "data.resolution", f"must be between 8 and {MAX_RESOLUTION}"),
+            (self.train.batch_size * self.data.resolution ** 2 <= MAX_BATCH_PIXELS, "train.batch_size",
+             f"{self.train.batch_size} images of {self.data.resolution}x{self.data.resolution} exceed "
+             f"{MAX_BATCH_PIXELS} pixels per micro-batch; lower it and raise train.grad_accum"),
+            (self.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
+            (1 <= self.validation.steps <= 1000, "validation.steps", "must be between 1 and 1000"),
             (self.data.resize_policy in ("crop", "fit", "stretch"), "data.resize_policy", "must be crop, fit or stretch"),
             (self.data.embedder in ("model", "pixel"), "data.embedder", "must be model or pixel"),
             (self.data.index in ("auto", "flat", "ivf", "hnsw"), "data.index", "must be auto, flat, ivf or hnsw"),
@@ -153,6 +164,10 @@ def _coerce(value, default, key):
     if expected in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # YAML's .nan and .inf
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        if abs(value) >= 2**63:  # also keeps float() below from overflowing on huge integers
+            raise ConfigError(f"{key}: out of range (must be below 2**63 in size)")
         if expected is int and float(value) != int(value):
             raise ConfigError(f"{key}: expected a whole number, got {value!r}")
         return expected(value)
@@ -182,7 +197,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
             raise ConfigError(f"override: {override!r} must look like key=value")
         target = values
         parts = key.split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"override: {key}: {'.'.join(parts[:depth + 1])} is not a mapping")
         target[parts[-1]] = yaml.safe_load(raw)
     return config_from_dict(values)
