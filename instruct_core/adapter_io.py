@@ -159,7 +159,7 @@ def _adapter_config(path: Path, metadata: dict) -> ContextAdapterConfig:
         if not isinstance(data, dict):
             raise TypeError(f"expected a JSON object, got {type(data).__name__}")
         config = ContextAdapterConfig.from_dict(data)
-    except (KeyError, json.JSONDecodeError, TypeError, ValueError) as error:
+    except (KeyError, json.JSONDecodeError, TypeError, ValueError, OverflowError) as error:
         raise AdapterError(f"adapter: {path.name}: bad 'adapter_config' metadata ({error})") from None
     checks = [
         (_is_int(config.num_freqs, 1, MAX_NUM_FREQS), "num_freqs", f"an integer in 1..{MAX_NUM_FREQS}"),

@@ -573,8 +573,11 @@ class _SourceReader:
         candidate = os.path.join(self.base_dir, source)  # an absolute source replaces base_dir
         if self.real_root is None:
             return candidate
-        # realpath follows every symlink, so "..", absolute paths and links out are all caught.
-        real = os.path.realpath(candidate)
+        # realpath follows every symlink, so "..", absolute paths and links out are all caught; a path it
+        # cannot resolve (a symlink loop) is refused, since the lexical fallback could step out.
+        real = strict_realpath(candidate)
+        if real is None:
+            raise InstructionError(f"{field}: cannot resolve path (a symlink loop?): {_clip(source)}")
         if not _is_inside(real, self.real_root):
             raise InstructionError(f"{field}: path escapes the allowed root folder: {_clip(source)}")
         return real
@@ -613,6 +616,16 @@ def _read_regular_file(handle: int, field: str, source: str, limit: int) -> byte
             return file.read(limit + 1)
     except OSError as error:
         raise InstructionError(f"{field}: cannot read {_clip(source)}: {error.strerror or error}") from None
+
+
+def strict_realpath(path: str) -> str | None:
+    """The real path, following every symlink; None when the path cannot be resolved (e.g. a loop)."""
+    try:
+        return os.path.realpath(path, strict=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return os.path.realpath(path)  # missing files are reported when they are read
+    except OSError:
+        return None
 
 
 def _is_inside(path: str, folder: str) -> bool:
