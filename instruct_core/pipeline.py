@@ -105,7 +105,8 @@ class InstructImagen:
                 pooled = output.text_embeds
         return torch.cat(embeddings, dim=-1).to(self.dtype), None if pooled is None else pooled.to(self.dtype)
 
-    def _added_cond(self, pooled, height: int, width: int) -> dict | None:
+    def added_cond(self, pooled, height: int, width: int) -> dict | None:
+        """SDXL's added conditioning (pooled text + size time ids) for `height` x `width`; None for other bases."""
         if pooled is None or self.base.unet.config.addition_embed_type != "text_time":
             return None
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
@@ -169,7 +170,7 @@ class InstructImagen:
         marker_embeds, marker_pooled = self.encode_text([c.marker_text for c in contexts])
         features = self.model.encode_contexts(
             self.to_model_space(images), marker_embeds, [c.modality for c in contexts],
-            added_cond_kwargs=self._added_cond(marker_pooled, height, width))
+            added_cond_kwargs=self.added_cond(marker_pooled, height, width))
         masks = None
         if any(c.mask is not None for c in contexts):
             masks = torch.stack([
@@ -233,8 +234,7 @@ class InstructImagen:
         """Add SDXL's size conditioning (time ids) for this output size."""
         if cond.added_text is None or self.base.unet.config.addition_embed_type != "text_time":
             return cond
-        ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
-        with_ids = lambda a: {"text_embeds": a["text_embeds"], "time_ids": ids.expand(a["text_embeds"].shape[0], -1)}
+        with_ids = lambda added: self.added_cond(added["text_embeds"], height, width)
         return Conditioning(cond.text, cond.null_text, cond.context_state, with_ids(cond.added_text),
                             with_ids(cond.added_null))
 

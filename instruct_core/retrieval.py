@@ -179,7 +179,7 @@ class ModelEmbedder:
         pooled = None if empty_pooled is None else empty_pooled.expand(n, -1)
         features = pipe.model.encode_contexts(
             pipe.to_model_space(images), empty.expand(n, -1, -1), [self.modality] * n,
-            added_cond_kwargs=pipe._added_cond(pooled, size, size))
+            added_cond_kwargs=pipe.added_cond(pooled, size, size))
         image_part = features[max(features)].float().mean(dim=(-2, -1))
         text_part = pipe.encode_text([item.caption for item in items])[0].float().mean(dim=1)
         parts = [torch.nn.functional.normalize(part, dim=1) for part in (image_part, text_part)]

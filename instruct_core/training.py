@@ -351,7 +351,7 @@ class Trainer:
         with torch.no_grad():
             x0 = pipe.to_model_space(torch.stack([e.target for e in examples]).to(device))
             text, pooled = pipe.encode_text([e.text for e in examples])
-            added = pipe._added_cond(pooled, *examples[0].target.shape[-2:])
+            added = pipe.added_cond(pooled, *examples[0].target.shape[-2:])
             layout, offset = [], 0
             for e in examples:
                 layout.append(list(range(offset, offset + len(e.context_images))))
@@ -361,7 +361,7 @@ class Trainer:
             if offset:
                 context_images = pipe.to_model_space(torch.stack([i for e in examples for i in e.context_images]))
                 context_text, context_pooled = pipe.encode_text([t for e in examples for t in e.context_texts])
-                context_added = pipe._added_cond(context_pooled, *examples[0].target.shape[-2:])
+                context_added = pipe.added_cond(context_pooled, *examples[0].target.shape[-2:])
                 weights = torch.tensor([w for e in examples for w in e.weights], device=device)
                 flat_masks = [m for e in examples for m in e.masks]
                 if any(m is not None for m in flat_masks):
