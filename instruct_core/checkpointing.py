@@ -66,7 +66,7 @@ def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 2) -> Path
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{CHECKPOINT_PREFIX}{step:09d}"
     tmp = folder / (final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_partial_checkpoints(folder)
     tmp.mkdir()
     try:
         tensors: dict = {}
@@ -110,16 +110,21 @@ def _replace_folder(new: Path, final: Path) -> None:
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints, oldest first; leftover temporary folders are removed."""
+    """Complete checkpoints, oldest first. Read-only: another process (a monitor, a UI) may list the folder
+    while the trainer is writing a `.tmp` folder in it."""
     if not folder.is_dir():
         return []
-    found = []
-    for path in folder.iterdir():
-        if path.name.endswith(".tmp"):
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.name.startswith(CHECKPOINT_PREFIX) and (path / "state.json").is_file():
-            found.append(path)
-    return sorted(found)
+    return sorted(path for path in folder.iterdir()
+                  if path.name.startswith(CHECKPOINT_PREFIX) and not path.name.endswith(".tmp")
+                  and (path / "state.json").is_file())
+
+
+def remove_partial_checkpoints(folder: Path) -> None:
+    """Delete `.tmp` folders a killed writer left behind; only the (single) writer calls this."""
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.name.endswith(".tmp"):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def load_checkpoint(path: Path) -> tuple[int, dict]:

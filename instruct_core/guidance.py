@@ -18,6 +18,8 @@ such as Heun see the parity of the sigma they evaluate.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,12 @@ class GuidanceConfig:
     def __post_init__(self):
         if self.mode not in GUIDANCE_MODES:
             raise ValueError(f"guidance mode: {self.mode!r} is not one of {', '.join(GUIDANCE_MODES)}")
+        for name in ("text_scale", "context_scale", "oscillate_fraction"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"guidance {name}: {value!r} is not a finite number")
+        if not 0.0 <= self.oscillate_fraction <= 1.0:
+            raise ValueError(f"guidance oscillate_fraction: {self.oscillate_fraction} is not within [0, 1]")
 
 
 @dataclass

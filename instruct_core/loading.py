@@ -215,6 +215,17 @@ def detect_kind(keys) -> str:
     raise ModelLoadError("unrecognized key layout: a UNet but no known text encoder (cond_stage_model / conditioner)")
 
 
+def unet_input_channels(checkpoint: dict) -> int | None:
+    """Input channels of the UNet's first conv (4 for SD, 9 for inpainting), None when the key is absent."""
+    in_conv = checkpoint.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if in_conv is None:
+        return None
+    if in_conv.ndim != 4:
+        raise ModelLoadError(f"{UNET_PREFIX}input_blocks.0.0.weight has shape {tuple(in_conv.shape)}, "
+                             "not a 4-D conv weight")
+    return int(in_conv.shape[1])
+
+
 def infer_prediction_type(checkpoint: dict, metadata: dict[str, str], kind: str) -> str:
     """What the UNet predicts, from the evidence a checkpoint carries, strongest first."""
     if "v_pred" in checkpoint:  # marker key written by SGM-style trainers and read by ComfyUI
@@ -224,8 +235,8 @@ def infer_prediction_type(checkpoint: dict, metadata: dict[str, str], kind: str)
         return PREDICTION_ALIASES[declared]
     if kind != "sd2":
         return "epsilon"
-    in_conv = checkpoint.get(UNET_PREFIX + "input_blocks.0.0.weight")
-    if in_conv is not None and in_conv.shape[1] != 4:
+    in_channels = unet_input_channels(checkpoint)
+    if in_channels is not None and in_channels != 4:
         return "epsilon"  # the SD2 inpainting model predicts noise
     # SD2 768-v and 512-base share one architecture. ComfyUI's weight statistic tells them apart;
     # without the probe tensor, follow diffusers and assume the 768 v-prediction model.
@@ -295,6 +306,7 @@ def _load_single_file(path, dtype, allow_pickle, config_dir, prediction_type) ->
     checkpoint, metadata = read_checkpoint(path, allow_pickle=allow_pickle)
     try:
         kind = detect_kind(checkpoint)
+        in_channels = unet_input_channels(checkpoint)
     except ModelLoadError as err:
         raise ModelLoadError(f"{path}: {err}") from None
     checkpoint = _normalize_clip_keys(checkpoint)
@@ -306,9 +318,8 @@ def _load_single_file(path, dtype, allow_pickle, config_dir, prediction_type) ->
             raise ModelLoadError(f"{folder / 'model_index.json'}: no {name} entry")
 
     overrides = {}
-    in_conv = checkpoint.get(UNET_PREFIX + "input_blocks.0.0.weight")
-    if in_conv is not None:
-        overrides["in_channels"] = in_conv.shape[1]  # 9 for inpainting models
+    if in_channels is not None:
+        overrides["in_channels"] = in_channels  # 9 for inpainting models
     unet = _from_single_file(UNet2DConditionModel, checkpoint, folder, "unet", dtype, path, **overrides)
     vae_dtype = _vae_dtype(folder, dtype)
     vae = _from_single_file(AutoencoderKL, checkpoint, folder, "vae", vae_dtype, path)

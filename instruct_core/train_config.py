@@ -15,6 +15,7 @@ Example (recipes/ holds complete ones):
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -153,6 +154,9 @@ def _build(cls, values, prefix: str):
     return cls(**kwargs)
 
 
+SCIENTIFIC_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value, default, key):
     if value is None or default is None:
         return value
@@ -162,6 +166,8 @@ def _coerce(value, default, key):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if expected in (int, float):
+        if isinstance(value, str) and SCIENTIFIC_NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as text; it is meant as a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):  # YAML's .nan and .inf

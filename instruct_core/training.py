@@ -18,12 +18,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpointing import list_checkpoints, load_checkpoint, remove_partial_checkpoints, save_checkpoint
 from .context_attention import ContextState
 from .data import TrainingExample
 from .instruction import prepare_context_image, prepare_mask
 from .pipeline import InstructImagen, pil_to_tensor
 from .train_config import TrainConfig
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA OOM has its own type; the CPU allocator raises a RuntimeError (or MemoryError) with its own words."""
+    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 class TrainingError(RuntimeError):
@@ -271,6 +279,8 @@ class Trainer:
         self.step = step
 
     def resume(self) -> bool:
+        if self.accelerator.is_main_process:
+            remove_partial_checkpoints(self.checkpoint_dir)
         checkpoints = list_checkpoints(self.checkpoint_dir)
         if not checkpoints:
             return False
@@ -306,7 +316,9 @@ class Trainer:
                 try:
                     loss = self._micro_step(module, examples, step, micro)
                     self.accelerator.backward(loss)
-                except torch.cuda.OutOfMemoryError:
+                except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as error:
+                    if not is_out_of_memory(error):
+                        raise
                     raise TrainingError(
                         f"out of memory at step {step + 1} (train.batch_size={config.train.batch_size}, "
                         f"data.resolution={config.data.resolution}); lower them, raise train.grad_accum or set "
@@ -375,11 +387,20 @@ class Trainer:
     # outputs
     def export(self) -> Path:
         """The final adapter (EMA weights when enabled), the loss curve and, for LoRA/full, the base weights."""
-        from .adapter_io import save_adapter
-
         path = self.output_dir / "adapter.safetensors"
         if not self.accelerator.is_main_process:
             return path
+        try:
+            self._export(path)
+        except OSError as error:
+            raise TrainingError(f"export: could not write to {self.output_dir} ({error}); the checkpoint of step "
+                                f"{self.step} in {self.checkpoint_dir} is intact: free space and rerun with "
+                                f"--resume to export it") from None
+        return path
+
+    def _export(self, path: Path):
+        from .adapter_io import save_adapter
+
         backup = None
         if self.ema is not None:
             backup = {n: p.detach().clone() for n, p in self.trainable.items()}
@@ -396,7 +417,6 @@ class Trainer:
                     for n, p in self.trainable.items():
                         p.copy_(backup[n])
         save_loss_curve(self.losses, self.output_dir / "loss_curve.png")
-        return path
 
     def _save_base_weights(self):
         """LoRA travels inside the adapter file; a fully fine-tuned base is written as a checkpoint of its own:

@@ -98,3 +98,10 @@ def test_branch_weights_sum_to_one(mode, step):
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="guidance mode"):
         GuidanceConfig(mode="wild")
+
+
+@pytest.mark.parametrize("field, value", [("text_scale", float("nan")), ("context_scale", float("inf")),
+                                          ("text_scale", "5"), ("oscillate_fraction", 1.5)])
+def test_non_finite_or_out_of_range_scales_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        GuidanceConfig(**{field: value})

@@ -413,8 +413,6 @@ dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.in
        prediction=st.sampled_from(["v", "epsilon", "junk", ""]))
 def test_load_base_refuses_any_incomplete_single_file(checkpoint, spec, prediction):
     """Keys of every family with any shapes and dtypes: load_base names the file, whatever is wrong."""
-    # A UNet input conv with fewer than 2 dimensions is the one known exception (see the xfail below).
-    assume(len(spec.get(LDM_KEYS[0], ((1, 1),))[0]) >= 2)
     path = checkpoint.folder / "model.safetensors"
     path.write_bytes(crafted({k: torch.zeros(s, dtype=d) for k, (s, d) in spec.items()},
                              {"modelspec.prediction_type": prediction}))
@@ -422,8 +420,6 @@ def test_load_base_refuses_any_incomplete_single_file(checkpoint, spec, predicti
         load_base(path, device="cpu", dtype="fp32")
 
 
-@pytest.mark.xfail(raises=IndexError, strict=True,
-                   reason="loading.py reads in_conv.shape[1] before checking the tensor's dimensions")
 def test_load_base_refuses_a_one_dimensional_input_conv(checkpoint):
     path = checkpoint.folder / "flat_conv.safetensors"
     path.write_bytes(crafted({LDM_KEYS[0]: torch.zeros(4), LDM_KEYS[3]: torch.zeros(4, 4)}, {}))
@@ -857,6 +853,43 @@ def test_cli_ends_a_disk_fault_with_one_line(tmp_path, monkeypatch, capsys):
     code = main(["train", "--config", str(config), "--quiet"])
     err = capsys.readouterr().err
     assert code == 1 and err.strip() == "error: [Errno 28] No space left on device"
+
+
+def _memory_hungry_trainer(output_dir: Path, pipe: InstructImagen) -> Trainer:
+    from instruct_core.bench_tasks import BenchmarkTaskDataset
+
+    config = config_from_dict({"stage": 2, "base_model": "tiny", "output_dir": str(output_dir),
+                               "data": {"source": "benchmark", "resolution": 64},
+                               "train": {"steps": 3, "batch_size": 48, "warmup_steps": 0},
+                               "checkpoint": {"every": 1, "keep": 2}})
+    return Trainer(config, pipe, BenchmarkTaskDataset({"text_to_image": 1.0}, length=1000, seed=0, size=64))
+
+
+def test_running_out_of_memory_ends_with_a_message_and_the_last_checkpoint(tmp_path, training_pipe):
+    """A real allocation failure (an address-space ceiling makes the CPU allocator refuse) mid-training."""
+    trainer = _memory_hungry_trainer(tmp_path, training_pipe)
+    trainer.step = 1
+    good = trainer.save()
+    with memory_ceiling(headroom=96 * 2**20), pytest.raises(TrainingError) as caught:
+        trainer.run(resume=True)
+    message = str(caught.value)
+    assert message.startswith("out of memory at step 2") and "train.batch_size=48" in message
+    assert list_checkpoints(trainer.checkpoint_dir) == [good]
+    assert load_checkpoint(good)[0] == 1
+
+
+def test_a_failed_export_names_the_folder_and_keeps_the_checkpoint(tmp_path, monkeypatch, training_pipe):
+    trainer = make_trainer(tmp_path, training_pipe)
+    trainer.step = 4
+    good = trainer.save()
+    monkeypatch.setattr(adapter_io.os, "replace", _raise_enospc)
+    with pytest.raises(TrainingError) as caught:
+        trainer.export()
+    monkeypatch.undo()
+    message = str(caught.value)
+    assert message.startswith(f"export: could not write to {tmp_path}") and "No space left" in message
+    assert "--resume" in message and not (tmp_path / "adapter.safetensors").exists()
+    assert list_checkpoints(trainer.checkpoint_dir) == [good] and load_checkpoint(good)[0] == 4
 
 
 # == 5. requests that cannot fit ===========================================================================

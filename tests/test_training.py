@@ -15,7 +15,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from instruct_core.adapter_io import read_adapter_metadata
-from instruct_core.checkpointing import list_checkpoints, load_checkpoint
+from instruct_core.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
 from instruct_core.cli import main
 from instruct_core.pipeline import InstructImagen
 from instruct_core.retrieval import load_clusters
@@ -229,6 +229,16 @@ def test_config_errors_name_the_key(tmp_path):
     assert load_config(path, ["train.steps=7", "train.lr=0.01"]).train.steps == 7
 
 
+def test_scientific_notation_is_a_number_in_files_and_overrides(tmp_path):
+    """YAML 1.1 reads `1e-4` (no dot) as text; a learning rate written that way must still work."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {source: x}\ntrain: {lr: 1e-4, warmup_steps: 1E2}\n")
+    config = load_config(path, ["train.ema_decay=5e-1"])
+    assert (config.train.lr, config.train.warmup_steps, config.train.ema_decay) == (1e-4, 100, 0.5)
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        load_config(path, ["train.lr=1e-4x"])
+
+
 def test_cli_train_reports_config_errors_with_exit_2(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"stage": 2, "data": {"source": str(tmp_path / "missing")}}))
@@ -249,6 +259,7 @@ def test_kill_9_loses_at_most_one_checkpoint_interval(dataset, tmp_path):
     checkpoints = tmp_path / "run" / "checkpoints"
     deadline = time.time() + 900  # a loaded machine starts slowly; the loop ends as soon as 2 exist
     while time.time() < deadline and len(list_checkpoints(checkpoints)) < 2:
+        assert proc.poll() is None, f"training ended before the kill: {proc.communicate()[1].decode()[-2000:]}"
         time.sleep(0.2)
     time.sleep(0.3)  # land somewhere between two checkpoints
     proc.send_signal(signal.SIGKILL)
@@ -263,6 +274,20 @@ def test_kill_9_loses_at_most_one_checkpoint_interval(dataset, tmp_path):
     final_step, final_state = load_checkpoint(list_checkpoints(checkpoints)[-1])
     assert final_step == last_step + 2
     assert final_state["losses"][:last_step] == state["losses"]
+
+
+def test_listing_checkpoints_never_touches_a_save_in_progress(tmp_path):
+    """A monitor may list the folder while the trainer writes; only the writer clears a killed save's leftovers."""
+    folder = tmp_path / "checkpoints"
+    good = save_checkpoint(folder, 1, {"w": torch.ones(2)})
+    in_progress = folder / "step_000000002.tmp"
+    in_progress.mkdir()
+    (in_progress / "tensors.safetensors").write_bytes(b"half")
+    assert list_checkpoints(folder) == [good]
+    assert in_progress.is_dir()
+    save_checkpoint(folder, 3, {"w": torch.zeros(2)})  # the writer's next save clears what a kill left
+    assert not in_progress.exists()
+    assert [p.name for p in list_checkpoints(folder)] == ["step_000000001", "step_000000003"]
 
 
 def test_two_processes_train_with_data_parallel(dataset, tmp_path):
