@@ -211,6 +211,8 @@ def test_sampler_errors_are_node_errors(model):
         sample(other, cond)
     with pytest.raises(ValueError, match="latent: expected samples of shape"):
         sample(model, cond, latent={"samples": torch.zeros(1, 4, 8, 8)})
+    with pytest.raises(ValueError, match="guidance text_scale: nan is not a finite number"):
+        sample(model, cond, cfg_text=float("nan"))  # NaN passes a FLOAT input's min/max check
     with pytest.raises(ValueError, match="unknown modality"):
         bad = build("[ref#1]", ref_1=context(modality="subject"))
         bad.contexts[0].modality = "smell"
