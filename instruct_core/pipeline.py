@@ -41,6 +41,19 @@ def pil_to_tensor(image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
+class MaskedDenoiser:
+    """Inpainting with a mask, as ComfyUI's KSampler does it: where `keep` is 1 the sample is held on the
+    init image's own noising path (init + sigma * noise), and the model's estimate there is the init."""
+
+    def __init__(self, inner, init: torch.Tensor, noise: torch.Tensor, keep: torch.Tensor):
+        self.inner, self.init, self.noise, self.keep = inner, init, noise, keep
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
+        sigma_map = sigma.reshape(-1, 1, 1, 1) if torch.is_tensor(sigma) else sigma
+        x = x * (1.0 - self.keep) + (self.init + self.noise * sigma_map) * self.keep
+        return self.inner(x, sigma, **kwargs) * (1.0 - self.keep) + self.init * self.keep
+
+
 class InstructImagen:
     """A base model (UNet, text encoders, optional VAE) with a context adapter, ready to follow instructions."""
 
@@ -200,9 +213,12 @@ class InstructImagen:
     def sample(self, cond: Conditioning, *, seed: int = 0, steps: int = 20, sampler: str = "dpmpp_2m",
                schedule: str = "karras", guidance: GuidanceConfig | None = None, width: int | None = None,
                height: int | None = None, batch_size: int = 1, init_image: torch.Tensor | None = None,
-               denoise: float = 1.0, callback: Callable[[dict], None] | None = None) -> GenerationResult:
+               denoise: float = 1.0, mask: torch.Tensor | None = None,
+               callback: Callable[[dict], None] | None = None) -> GenerationResult:
         """Sample `batch_size` images per conditioning row. `init_image` (B or 1, 3, H, W) in [0, 1] with
-        `denoise` < 1 is img2img; `callback(info)` runs after every step and may raise SamplingCancelled."""
+        `denoise` < 1 is img2img; with `mask` (B or 1, 1, H, W) in [0, 1], only where the mask is 1 is
+        regenerated and the rest keeps `init_image` (inpainting). `callback(info)` runs after every step and
+        may raise SamplingCancelled."""
         width = self.native_size if width is None else width
         height = self.native_size if height is None else height
         if sampler not in SAMPLERS:
@@ -220,12 +236,22 @@ class InstructImagen:
         cond = self._with_size(cond.repeat_rows(batch_size), width, height)
         sigmas = self._sigmas(steps, schedule, denoise if init_image is not None else 1.0)
         shape = (total, self.base.unet.config.in_channels, height // self.spatial_factor, width // self.spatial_factor)
-        x = prepare_noise(shape, seed).to(self.device) * sigmas[0]
+        noise = prepare_noise(shape, seed).to(self.device)
+        x = noise * sigmas[0]
+        init = None
         if init_image is not None:
-            x = x + self._init_sample(init_image, width, height, total)
+            init = self._init_sample(init_image, width, height, total)
+            x = x + init
+        elif mask is not None:
+            raise InstructionError("mask: needs an init image (the pixels to keep)")
         generator = torch.Generator("cpu").manual_seed(seed + 1)
         guided = GuidedDenoiser(self.denoiser(), cond, guidance or GuidanceConfig(), sigmas)
+        if mask is not None:
+            keep = 1.0 - self._latent_mask(mask, width, height, total, shape[-2:])
+            guided = MaskedDenoiser(guided, init, noise, keep)
         sample = SAMPLERS[sampler](guided, x, sigmas.to(self.device), callback=callback, generator=generator)
+        if mask is not None:
+            sample = sample * (1.0 - keep) + init * keep
         latents = sample.float() / (self.base.vae_scaling_factor if self.base.vae is not None else 1.0)
         return GenerationResult(self.to_images(sample), latents.cpu(), seed,
                                 {"steps": len(sigmas) - 1, "sampler": sampler, "schedule": schedule})
@@ -242,6 +268,16 @@ class InstructImagen:
         if denoise >= 1.0:
             return get_sigmas(self.schedule, steps, schedule).float()
         return sigmas_for_denoise(lambda n: get_sigmas(self.schedule, n, schedule), steps, denoise).float()
+
+    def _latent_mask(self, mask: torch.Tensor, width: int, height: int, batch_size: int, latent_size) -> torch.Tensor:
+        if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[-2:]) != (height, width):
+            raise InstructionError(f"mask: expected shape (B, 1, {height}, {width}), got {tuple(mask.shape)}")
+        if mask.shape[0] not in (1, batch_size):
+            raise InstructionError(f"mask: batch {mask.shape[0]} does not match batch {batch_size}")
+        if not torch.isfinite(mask).all():
+            raise InstructionError("mask: holds NaN or infinite values")
+        mask = torch.nn.functional.interpolate(mask.float().clamp(0, 1), size=tuple(latent_size), mode="area")
+        return mask.to(self.device).expand(batch_size, -1, -1, -1)
 
     def _init_sample(self, init_image: torch.Tensor, width: int, height: int, batch_size: int) -> torch.Tensor:
         if init_image.dim() != 4 or init_image.shape[1] != 3 or tuple(init_image.shape[-2:]) != (height, width):

@@ -104,9 +104,11 @@ class InstructSampler(io.ComfyNode):
         if conditioning.model_key != model.key:
             raise ValueError("conditioning: it was encoded by another model; connect the same model to "
                              "MultiModalEncode and InstructSampler")
-        init = None
+        init = mask = None
         if latent is not None:
             init = latent_to_images(pipe, latent["samples"])
+            if latent.get("noise_mask") is not None:  # SetLatentNoiseMask, VAEEncodeForInpaint
+                mask = noise_mask_for(latent["noise_mask"], init.shape[-2:])
         elif init_image is not None:
             init = comfy_to_images(init_image)
         if init is not None:
@@ -119,7 +121,7 @@ class InstructSampler(io.ComfyNode):
                 conditioning.cond, seed=seed, steps=steps, sampler=sampler, schedule=schedule,
                 guidance=GuidanceConfig(cfg_text, cfg_context, guidance), width=width, height=height,
                 batch_size=batch_size, init_image=init, denoise=denoise if init is not None else 1.0,
-                callback=step_callback(pipe, progress))
+                mask=mask, callback=step_callback(pipe, progress))
         return io.NodeOutput({"samples": result.latents}, images_to_comfy(result.images))
 
 
@@ -131,6 +133,15 @@ def latent_to_images(pipe, samples: torch.Tensor) -> torch.Tensor:
                          f"{tuple(samples.shape)}")
     scale = pipe.base.vae_scaling_factor if pipe.base.vae is not None else 1.0
     return pipe.to_images(samples.to(pipe.device, pipe.dtype) * scale)
+
+
+def noise_mask_for(noise_mask: torch.Tensor, size) -> torch.Tensor:
+    """A LATENT's noise_mask ((H, W), (B, H, W) or (B, 1, H, W), any resolution; 1 = regenerate) at the
+    image size, as (B, 1, H, W)."""
+    if noise_mask.dim() not in (2, 3, 4) or (noise_mask.dim() == 4 and noise_mask.shape[1] != 1):
+        raise ValueError(f"latent: noise_mask of shape {tuple(noise_mask.shape)} is not a mask")
+    mask = noise_mask.reshape(-1, 1, *noise_mask.shape[-2:]).float()
+    return torch.nn.functional.interpolate(mask, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def step_callback(pipe, progress):

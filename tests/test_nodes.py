@@ -202,6 +202,20 @@ def test_sampling_is_seeded_and_img2img_follows_the_latent(model):
     assert init[1].shape == (1, 32, 32, 3)
 
 
+def test_a_latent_noise_mask_keeps_what_it_does_not_cover(model):
+    """SetLatentNoiseMask's convention: the mask (any resolution, 1 = regenerate) rides in the LATENT."""
+    cond = N["MultiModalEncode"].execute(model, build("a cat"), 0, 0, "crop")[0]
+    first = sample(model, cond, seed=5)
+    left = torch.zeros(1, 16, 16)
+    left[..., :8] = 1.0
+    masked = sample(model, cond, seed=7, latent={**first[0], "noise_mask": left}, width=0, height=0)
+    kept, redrawn = masked[1][:, :, 20:], masked[1][:, :, :12]
+    assert torch.allclose(kept, first[1][:, :, 20:], atol=1e-5)
+    assert (redrawn - first[1][:, :, :12]).abs().mean() > 1e-2
+    with pytest.raises(ValueError, match="noise_mask of shape"):
+        sample(model, cond, latent={**first[0], "noise_mask": torch.zeros(1, 2, 16, 16)})
+
+
 def test_sampler_errors_are_node_errors(model):
     cond = N["MultiModalEncode"].execute(model, build("a cat"), 0, 0, "crop")[0]
     with pytest.raises(ValueError, match="width: 30 must be a positive multiple of 4"):

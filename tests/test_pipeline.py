@@ -128,6 +128,37 @@ def test_init_image_with_low_denoise_stays_close(pixel_pipe):
     assert light_error < 0.5 * full_error
 
 
+@pytest.mark.parametrize("pipe_name", ["pixel_pipe", "latent_pipe"])
+def test_a_mask_regenerates_only_inside_it(pipe_name, request):
+    pipe = request.getfixturevalue(pipe_name)
+    init = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    args = dict(seed=4, steps=4, width=32, height=32, init_image=init, guidance=GuidanceConfig(2.0, 1.0))
+    plain = pipe.generate(_instruction(1), **args)
+    everywhere = pipe.generate(_instruction(1), mask=torch.ones(1, 1, 32, 32), **args)
+    assert torch.equal(everywhere.latents, plain.latents)  # an all-ones mask is plain img2img
+    nowhere = pipe.generate(_instruction(1), mask=torch.zeros(1, 1, 32, 32), **args)
+    assert torch.allclose(nowhere.latents, pipe.to_model_space(init).float()
+                          / (pipe.base.vae_scaling_factor if pipe.base.vae is not None else 1.0), atol=1e-6)
+    right = torch.zeros(1, 1, 32, 32)
+    right[..., 16:] = 1.0
+    half = pipe.generate(_instruction(1), mask=right, **args).latents
+    columns = half.shape[-1] // 2
+    assert torch.allclose(half[..., :columns], nowhere.latents[..., :columns], atol=1e-6)  # kept exactly
+    assert (half[..., columns:] - nowhere.latents[..., columns:]).abs().mean() > 1e-2    # regenerated
+
+
+def test_mask_errors_name_the_mask(pixel_pipe):
+    with pytest.raises(InstructionError, match="mask: needs an init image"):
+        pixel_pipe.generate(_instruction(0), steps=1, width=32, height=32, mask=torch.ones(1, 1, 32, 32))
+    init = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(InstructionError, match=r"mask: expected shape \(B, 1, 32, 32\)"):
+        pixel_pipe.generate(_instruction(0), steps=1, width=32, height=32, init_image=init,
+                            mask=torch.ones(1, 1, 16, 16))
+    with pytest.raises(InstructionError, match="mask: holds NaN"):
+        pixel_pipe.generate(_instruction(0), steps=1, width=32, height=32, init_image=init,
+                            mask=torch.full((1, 1, 32, 32), float("nan")))
+
+
 def test_latents_are_raw_vae_space(latent_pipe):
     result = latent_pipe.generate(_instruction(0), seed=2, steps=2, width=32, height=32)
     assert result.latents.shape == (1, 4, 16, 16)  # the tiny VAE downsamples twice
