@@ -151,19 +151,52 @@ def test_every_example_workflow_returns_images(server, path):
         assert (server.base / "models" / "instruct_imagen" / "example_adapter.safetensors").is_file()
 
 
-def test_a_bad_prompt_gets_node_errors_and_the_server_keeps_serving(server):
-    graph = load("subject")
-    graph["4"]["inputs"]["instruction"] = "Put [ref#1] next to [ref#2]"
-    with pytest.raises(client.PromptRejected) as rejected:
-        client.ComfyClient(server.url).queue(graph)
-    errors = rejected.value.response["node_errors"]["4"]
-    assert errors["class_type"] == "InstructionBuilder"
-    assert "[ref#2] has no context" in errors["errors"][0]["details"]
+def _edited(name: str, node: str, **inputs) -> dict:
+    graph = load(name)
+    graph[node]["inputs"].update(inputs)
+    return graph
 
-    broken = load("text_to_image")
-    broken["4"]["inputs"]["width"] = 30
-    with pytest.raises(client.ClientError, match="InstructSampler.*width: 30 must be a positive multiple of 4"):
-        run(server, broken)
+
+def _from_json(document: str) -> dict:
+    """text_to_image with its InstructionBuilder swapped for an InstructionFromJSON node."""
+    graph = load("text_to_image")
+    graph["2"] = {"class_type": "InstructionFromJSON", "inputs": {"json": document}}
+    return graph
+
+
+# Refused before anything runs: (graph, node id, words the node error must hold)
+REJECTED = [
+    (_edited("subject", "4", instruction="Put [ref#1] next to [ref#2]"), "4", "[ref#2] has no context"),
+    (_edited("text_to_image", "4", sampler="nope"), "4", "Value not in list"),
+    (_edited("text_to_image", "4", steps=0), "4", "smaller than min"),
+    (_edited("text_to_image", "4", cfg_text="strong"), "4", "convert"),
+    (_edited("text_to_image", "4", width=999999), "4", "bigger than max"),
+    (_edited("text_to_image", "1", model="../../../etc/passwd"), "1", "Value not in list"),
+    (_edited("subject", "2", image="../../../../etc/passwd"), "2", "Invalid image file"),
+]
+
+# Accepted, then stopped by the node that meets the bad value: (graph, words the execution error must hold)
+FAILED = [
+    (_edited("text_to_image", "4", width=30), "InstructSampler.*width: 30 must be a positive multiple of 4"),
+    (_edited("text_to_image", "4", cfg_text=float("nan")), "InstructSampler.*text_scale: nan is not a finite"),
+    (_from_json('{"version": 1, "text": "a cat", "contexts": ['), "InstructionFromJSON.*JSON"),
+    (_from_json('{"version": 7, "text": "a cat", "contexts": []}'), "InstructionFromJSON.*version"),
+    (_from_json(json.dumps({"version": 1, "text": "[ref#1]", "contexts": [
+        {"id": 1, "modality": "subject", "text": "[ref#1]", "image": "../../secret.png"}]})),
+     "InstructionFromJSON.*contexts\\[0\\]\\.image"),
+]
+
+
+def test_a_batch_of_bad_prompts_gets_errors_and_the_server_keeps_serving(server):
+    for graph, node, words in REJECTED:
+        with pytest.raises(client.PromptRejected) as rejected:
+            client.ComfyClient(server.url).queue(graph)
+        errors = rejected.value.response["node_errors"][node]
+        details = " ".join(f"{e.get('message', '')} {e.get('details', '')}" for e in errors["errors"])
+        assert words in details, (node, details)
+    for graph, pattern in FAILED:
+        with pytest.raises(client.ClientError, match=pattern):
+            run(server, graph)
     assert server.get("/system_stats")["system"]
     assert run(server, load("text_to_image"))["outputs"]
 
