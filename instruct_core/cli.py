@@ -83,7 +83,45 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=1234)
     evaluate.add_argument("--out", default="docs/RESULTS.md")
     evaluate.add_argument("--quick", action="store_true", help="a reduced run (CI): 4 examples, 8 steps")
+
+    demo = commands.add_parser("demo", help="one image per benchmark task, beside its instruction and contexts, "
+                                            "and a contact sheet")
+    demo.add_argument("--out", required=True, help="output folder")
+    _add_model_arguments(demo)
+    demo.add_argument("--tasks", default="all", help="comma-separated task names, or all")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--steps", type=int, default=12)
+
+    bench = commands.add_parser("bench", help="performance benchmarks against plain diffusers loops "
+                                "(docs/BENCHMARKS.md)")
+    kinds = bench.add_subparsers(dest="bench_kind", required=True)
+    bench_sample = kinds.add_parser("sample", help="per-step sampling cost of K contexts, vs raw diffusers")
+    _add_bench_arguments(bench_sample)
+    bench_sample.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    bench_sample.add_argument("--contexts", default="0,1,2,4", help="comma-separated context counts K")
+    bench_sample.add_argument("--steps", type=int, default=None, help="default: 8 for tiny, 10 otherwise")
+    bench_sample.add_argument("--warmup", type=int, default=1, help="untimed generations per configuration")
+    bench_sample.add_argument("--repeats", type=int, default=2, help="timed generations per configuration")
+    bench_sample.add_argument("--compile", action="store_true", help="also time a torch.compile'd UNet (CUDA)")
+    bench_sample.add_argument("--profile", action="store_true", help="print torch.profiler top operators")
+    bench_train = kinds.add_parser("train", help="training images/s and MFU, vs a diffusers-style loop")
+    _add_bench_arguments(bench_train)
+    bench_train.add_argument("--batch", type=int, default=4)
+    bench_train.add_argument("--steps", type=int, default=None, help="timed steps; default: 8 for tiny, 6 otherwise")
+    bench_train.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    bench_train.add_argument("--modes", default="adapter,full", help="comma-separated: adapter, full")
+    bench_train.add_argument("--contexts", type=int, default=1, help="contexts K per image")
     return parser
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    # Sizes spelled out here: importing benchmark (diffusers) would slow every command's start.
+    parser.add_argument("--size", default="tiny", choices=("tiny", "sd15", "sdxl"),
+                        help="UNet shape (random weights)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                        help="auto: bf16 on cuda, fp32 on the cpu")
+    parser.add_argument("--json", default=None, help="also write the full report to this JSON file")
 
 
 def _progress_callback(total: int, quiet: bool):
@@ -219,10 +257,7 @@ def run_eval(args) -> int:
 
     settings = EvalSettings(examples_per_task=4 if args.quick else args.examples, seed=args.seed,
                             steps=8 if args.quick else args.steps)
-    tasks = list(IN_DOMAIN_TASKS + ZERO_SHOT_TASKS) if args.tasks == "all" else args.tasks.split(",")
-    unknown = [t for t in tasks if t not in IN_DOMAIN_TASKS + ZERO_SHOT_TASKS]
-    if unknown:
-        raise UsageError(f"--tasks: unknown task {unknown[0]!r}")
+    tasks = _benchmark_tasks(args.tasks)
     variants = [v for v in args.variants.split(",") if v]
     started = time.perf_counter()
     results = evaluate(variants, tasks, settings, log=lambda line: print(line, flush=True))
@@ -231,6 +266,84 @@ def run_eval(args) -> int:
                          [t for t in tasks if t in ZERO_SHOT_TASKS], Path(args.out), command,
                          time.perf_counter() - started)
     print(path)
+    return 0
+
+
+def _int_list(flag: str, text: str, minimum: int) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"{flag}: {text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < minimum:
+        raise UsageError(f"{flag}: {text!r} needs integers of at least {minimum}")
+    return tuple(dict.fromkeys(values))
+
+
+def _at_least(flag: str, value: int | None, minimum: int) -> None:
+    if value is not None and value < minimum:
+        raise UsageError(f"{flag}: {value} must be at least {minimum}")
+
+
+def _bench_command() -> str:
+    return "python -m instruct_core " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else ""
+
+
+def run_bench(args) -> int:
+    from . import benchmark
+
+    _at_least("--steps", args.steps, 1)
+    _at_least("--warmup", args.warmup, 0)
+    common = dict(size=args.size, device=args.device, dtype=args.dtype, steps=args.steps, warmup=args.warmup,
+                  command=_bench_command())
+    log = lambda line: print(line, file=sys.stderr, flush=True)
+    try:
+        if args.bench_kind == "sample":
+            _at_least("--repeats", args.repeats, 1)
+            settings = benchmark.SampleBenchSettings(
+                batches=_int_list("--batch", args.batch, 1), contexts=_int_list("--contexts", args.contexts, 0),
+                repeats=args.repeats, compile=args.compile, profile=args.profile, **common)
+            report = benchmark.bench_sample(settings, log)
+            text = benchmark.format_sample_report(report)
+        else:
+            _at_least("--batch", args.batch, 1)
+            _at_least("--contexts", args.contexts, 0)
+            modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+            if not modes or set(modes) - set(benchmark.TRAIN_MODES):
+                raise UsageError(f"--modes: {args.modes!r} must list adapter and/or full")
+            settings = benchmark.TrainBenchSettings(batch=args.batch, modes=modes, contexts=args.contexts, **common)
+            report = benchmark.bench_train(settings, log)
+            text = benchmark.format_train_report(report)
+    except benchmark.BenchmarkError as error:
+        raise UsageError(str(error)) from None
+    print(text)
+    if args.json:
+        print(benchmark.write_json(report, args.json))
+    return 0
+
+
+def _benchmark_tasks(text: str) -> list[str]:
+    from .bench_tasks import IN_DOMAIN_TASKS, ZERO_SHOT_TASKS
+
+    known = list(IN_DOMAIN_TASKS + ZERO_SHOT_TASKS)
+    tasks = known if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in known]
+    if unknown or not tasks:
+        raise UsageError(f"--tasks: unknown task {unknown[0] if unknown else text!r} (known: {', '.join(known)})")
+    return tasks
+
+
+def run_demo(args) -> int:
+    from .demo import run_demo as write_demo
+    from .models import load_pipeline
+
+    tasks = _benchmark_tasks(args.tasks)
+    if args.steps < 1:
+        raise UsageError(f"--steps: {args.steps} must be at least 1")
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise UsageError(f"--seed: must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}")
+    pipe = load_pipeline(args.model, args.adapter, args.device, args.dtype, args.allow_pickle)
+    print(write_demo(pipe, Path(args.out), tasks, seed=args.seed, steps=args.steps,
+                     log=lambda line: print(line, flush=True)))
     return 0
 
 
@@ -266,7 +379,8 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
             TrainingError)
 
 
-COMMANDS = {"generate": run_generate, "train": run_train, "build-default": run_build_default, "eval": run_eval}
+COMMANDS = {"generate": run_generate, "train": run_train, "build-default": run_build_default, "eval": run_eval,
+            "bench": run_bench, "demo": run_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

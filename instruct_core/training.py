@@ -245,7 +245,9 @@ class Trainer:
 
             return Adafactor(params, lr=train.lr, relative_step=False, scale_parameter=False,
                              warmup_init=False, weight_decay=train.weight_decay)
-        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        # foreach: one multi-tensor update instead of a Python loop over parameters (torch only defaults to it
+        # on CUDA); on a CPU that loop was an eighth of a small model's step
+        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, foreach=True)
 
     # checkpoints
     @property

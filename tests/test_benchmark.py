@@ -1,0 +1,133 @@
+"""The performance benchmarks on the tiny UNet: report contents, FLOP counts, the one-time context encoding,
+our K=0 path against raw diffusers, and the command line. No timing is asserted: this machine is shared."""
+
+import json
+
+import pytest
+import torch
+
+from instruct_core import benchmark
+from instruct_core.cli import main
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On a shared CPU, a second intra-op thread that gets descheduled stalls every kernel.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return benchmark.build_setup("tiny", CPU, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def sample_report():
+    settings = benchmark.SampleBenchSettings(device="cpu", batches=(1,), contexts=(0, 1), steps=2, warmup=0,
+                                             repeats=1)
+    return benchmark.bench_sample(settings, log=lambda line: None)
+
+
+def _row(report, **match):
+    return benchmark.find_row(report["rows"], **match)
+
+
+def test_sample_report_has_a_row_per_path_and_guidance(sample_report):
+    keys = [(r["path"], r["contexts"], r["guidance"], r["rows_per_unet_call"]) for r in sample_report["rows"]]
+    assert keys == [("diffusers", 0, "cfg", 2), ("ours", 0, "cfg", 2), ("ours", 1, "cfg", 2), ("ours", 1, "dual", 3)]
+    for row in sample_report["rows"]:
+        assert row["step_s"] > 0 and row["images_per_s"] > 0 and row["peak_memory_bytes"] > 0
+        assert 0 < row["mfu"] < float("inf")
+    assert all(r["unet_calls_per_step"] == 1 for r in sample_report["rows"])
+    assert sample_report["peak"]["flops_per_s"] > 0
+    assert {c["status"] for c in sample_report["checks"]} <= {"PASS", "FAIL", "n/a"}
+    assert sample_report["comfyui"].startswith("ComfyUI:")
+    text = benchmark.format_sample_report(sample_report)
+    assert "diffusers" in text and "Checks:" in text and sample_report["environment"]["torch"] in text
+
+
+def test_flops_grow_with_contexts_and_match_diffusers_without(sample_report):
+    theirs = _row(sample_report, path="diffusers")["flops_per_step"]
+    plain = _row(sample_report, path="ours", contexts=0)["flops_per_step"]
+    with_context = _row(sample_report, path="ours", contexts=1, guidance="cfg")
+    dual = _row(sample_report, path="ours", contexts=1, guidance="dual")["flops_per_step"]
+    assert plain > 0 and plain == theirs
+    assert with_context["flops_per_step"] > plain
+    assert dual > with_context["flops_per_step"]  # a third branch
+    assert with_context["flop_overhead"] == pytest.approx(with_context["flops_per_step"] / plain - 1)
+    encoding = sample_report["encoding"][0]
+    assert encoding["contexts"] == 1 and 0 < encoding["flop_cost_in_unet_forwards"] < 1
+
+
+def test_contexts_are_encoded_once_per_generation(setup):
+    settings = benchmark.SampleBenchSettings()
+    inputs = benchmark.sample_inputs(setup, batch=2, seed=0)
+    contexts = benchmark.context_inputs(setup, batch=2, contexts=2, seed=0)
+    before = setup.model.encoder_calls
+    run = benchmark.run_ours(setup, inputs, contexts, benchmark.guidance_config("dual", settings), steps=3)
+    assert setup.model.encoder_calls == before + 1
+    assert run.unet_rows == [2 * 3] * 3  # every branch of a step in one UNet call
+    assert len(run.step_s) == 3 and run.encode_s > 0
+
+
+def test_our_k0_path_and_raw_diffusers_reach_the_same_latents(setup):
+    settings = benchmark.SampleBenchSettings()
+    inputs = benchmark.sample_inputs(setup, batch=2, seed=3)
+    ours = benchmark.run_ours(setup, inputs, None, benchmark.guidance_config("cfg", settings), steps=4)
+    theirs = benchmark.run_diffusers(setup, inputs, settings.guidance_scale, steps=4)
+    assert ours.unet_rows == theirs.unet_rows == [4] * 4
+    scale = theirs.latents.abs().max()
+    assert (ours.latents - theirs.latents).abs().max() <= 1e-5 * scale
+    # the diffusers run hands the context processors back
+    assert all(type(p).__name__ in ("PassThroughProcessor", "ContextAttnProcessor")
+               for p in setup.unet.attn_processors.values())
+
+
+def test_cli_bench_sample_writes_the_json(tmp_path, capsys):
+    out = tmp_path / "sample.json"
+    code = main(["bench", "sample", "--device", "cpu", "--batch", "1", "--contexts", "0", "--steps", "1",
+                 "--warmup", "0", "--repeats", "1", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["kind"] == "sample" and [r["path"] for r in report["rows"]] == ["diffusers", "ours"]
+    assert "Instruct-Imagen sampling benchmark" in capsys.readouterr().out
+
+
+def test_cli_bench_train_writes_the_json(tmp_path):
+    out = tmp_path / "train.json"
+    code = main(["bench", "train", "--device", "cpu", "--batch", "1", "--steps", "1", "--warmup", "0",
+                 "--json", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["path"], r["mode"], r["contexts"]) for r in rows] == [
+        ("ours", "adapter", 1), ("diffusers", "full", 0), ("ours", "full", 0), ("ours", "full", 1)]
+    assert all(r["flops_per_step"] > 0 and r["images_per_s"] > 0 for r in rows)
+    adapter, _, full, _ = rows
+    assert adapter["trainable_params"] < full["trainable_params"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "--batch", "0"], "--batch"),
+    (["sample", "--contexts", "1,x"], "--contexts"),
+    (["sample", "--steps", "0"], "--steps"),
+    (["sample", "--repeats", "0"], "--repeats"),
+    (["sample", "--device", "cpu", "--dtype", "fp16"], "fp16"),
+    (["train", "--modes", "lora"], "--modes"),
+    (["train", "--batch", "0"], "--batch"),
+])
+def test_bad_bench_values_exit_2_with_a_message(args, message, capsys):
+    assert main(["bench", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err
+
+
+@pytest.mark.parametrize("args", [[], ["profile"], ["sample", "--size", "huge"], ["train", "--device", "tpu"]])
+def test_malformed_bench_arguments_exit_2(args):
+    with pytest.raises(SystemExit) as raised:
+        main(["bench", *args])
+    assert raised.value.code == 2
