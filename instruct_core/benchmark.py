@@ -472,6 +472,14 @@ def run_ours(setup: BenchSetup, inputs: SampleInputs, contexts: ContextInputs | 
                          sum(intervals), counter.rows)
 
 
+def cfg_conditioning(inputs: SampleInputs) -> tuple[torch.Tensor, dict | None]:
+    """diffusers' CFG batch: negative rows first, then the prompt's."""
+    text = torch.cat([inputs.null_text, inputs.text])
+    if inputs.added_text is None:
+        return text, None
+    return text, {key: torch.cat([inputs.added_null[key], inputs.added_text[key]]) for key in inputs.added_text}
+
+
 @torch.no_grad()
 def run_diffusers(setup: BenchSetup, inputs: SampleInputs, guidance_scale: float, steps: int) -> GenerationRun:
     """The classic diffusers CFG loop on the plain UNet: cat([x] * 2), scale_model_input, unet, guidance,
@@ -479,10 +487,7 @@ def run_diffusers(setup: BenchSetup, inputs: SampleInputs, guidance_scale: float
     device = setup.device
     sigmas = bench_sigmas(setup, steps)
     scheduler = euler_scheduler(setup, sigmas)
-    text = torch.cat([inputs.null_text, inputs.text])
-    added = None
-    if inputs.added_text is not None:
-        added = {key: torch.cat([inputs.added_null[key], inputs.added_text[key]]) for key in inputs.added_text}
+    text, added = cfg_conditioning(inputs)
     with plain_processors(setup.model) as unet:
         counter = RowCounter(unet)
         timer = StepTimer(device)
@@ -528,10 +533,7 @@ def denoiser_call_flops(setup: BenchSetup, inputs: SampleInputs, contexts: Conte
 
 
 def diffusers_step_flops(setup: BenchSetup, inputs: SampleInputs) -> int:
-    text = torch.cat([inputs.null_text, inputs.text])
-    added = None
-    if inputs.added_text is not None:
-        added = {key: torch.cat([inputs.added_null[key], inputs.added_text[key]]) for key in inputs.added_text}
+    text, added = cfg_conditioning(inputs)
     latents = torch.cat([inputs.noise] * 2).to(setup.device, setup.dtype)
     with torch.no_grad(), plain_processors(setup.model) as unet:
         return count_flops(lambda: unet(latents, torch.tensor(500.0, device=setup.device),
@@ -552,10 +554,6 @@ class SampleCase:
     runs: list[GenerationRun] = field(default_factory=list)
     flops_per_step: int = 0
     peak_memory: int = 0
-
-    @property
-    def key(self) -> tuple:
-        return self.path, self.batch, self.contexts, self.guidance, self.compiled
 
 
 def sample_cases(settings: SampleBenchSettings, batch: int, compiled: bool = False) -> list[SampleCase]:
@@ -921,11 +919,11 @@ def ddpm_scheduler(setup: BenchSetup):
                          beta_schedule=config.get("beta_schedule", "linear"))
 
 
-def run_train_case(setup: BenchSetup, loss_fn: Callable[[int], torch.Tensor], params: list, dtype: torch.dtype,
-                   settings: TrainBenchSettings, steps: int) -> dict:
+def run_train_case(setup: BenchSetup, loss_fn: Callable[[int], torch.Tensor], optimizer: torch.optim.Optimizer,
+                   dtype: torch.dtype, settings: TrainBenchSettings, steps: int) -> dict:
     """Warm-up and timed optimizer steps (forward, backward, clip at 1.0, AdamW), then the FLOPs of one
     forward + backward."""
-    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     timer = StepTimer(setup.device)
 
     def train_step(step: int):
@@ -981,12 +979,15 @@ def measure_train_case(setup: BenchSetup, path: str, mode: str, k: int, settings
             scheduler = ddpm_scheduler(setup)
             with plain_processors(setup.model):
                 params = plain_trainable(setup.unet)
+                # torch's default AdamW, as diffusers' training scripts create it
+                optimizer = torch.optim.AdamW(params, lr=1e-6)
                 figures = run_train_case(setup, lambda s: diffusers_train_step(setup, scheduler, inputs, s),
-                                         params, dtype, settings, steps)
+                                         optimizer, dtype, settings, steps)
         else:
             params = select_trainable(setup.model, mode)
             loss_module = DiffusionLoss(setup.pipe).to(setup.device)
-            figures = run_train_case(setup, lambda s: ours_train_step(setup, loss_module, inputs, s), params,
+            optimizer = torch.optim.AdamW(params, lr=1e-6, foreach=True)  # as Trainer._make_optimizer
+            figures = run_train_case(setup, lambda s: ours_train_step(setup, loss_module, inputs, s), optimizer,
                                      dtype, settings, steps)
     finally:
         setup.model.eval()
