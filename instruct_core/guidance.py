@@ -157,7 +157,9 @@ class GuidedDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_) -> torch.Tensor:
         num_steps = len(self.sigmas) - 1
-        weights = branch_weights(self.config, self.step_index(sigma), num_steps, self.conditioning.has_contexts)
+        # only the oscillating and interleaved weights change with the step; reading it costs a device sync
+        step = self.step_index(sigma) if self.config.mode != "dual" else 0
+        weights = branch_weights(self.config, step, num_steps, self.conditioning.has_contexts)
         branches = tuple(sorted(weights))
         if branches not in self._stacked:  # stacked once; its context cache then lives for the generation
             self._stacked[branches] = stack_branches(self.conditioning, branches)
