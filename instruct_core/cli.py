@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=1234)
     evaluate.add_argument("--out", default="docs/RESULTS.md")
     evaluate.add_argument("--quick", action="store_true", help="a reduced run (CI): 4 examples, 8 steps")
+    evaluate.add_argument("--jobs", type=int, default=1,
+                          help="score the variants in this many processes, one thread each (same numbers)")
 
     demo = commands.add_parser("demo", help="one image per benchmark task, beside its instruction and contexts, "
                                             "and a contact sheet")
@@ -260,7 +262,9 @@ def run_eval(args) -> int:
     tasks = _benchmark_tasks(args.tasks)
     variants = [v for v in args.variants.split(",") if v]
     started = time.perf_counter()
-    results = evaluate(variants, tasks, settings, log=lambda line: print(line, flush=True))
+    if args.jobs < 1:
+        raise UsageError(f"--jobs: {args.jobs} must be at least 1")
+    results = evaluate(variants, tasks, settings, log=lambda line: print(line, flush=True), jobs=args.jobs)
     command = "python -m instruct_core eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else "eval"
     path = write_results(results, settings, [t for t in tasks if t in IN_DOMAIN_TASKS],
                          [t for t in tasks if t in ZERO_SHOT_TASKS], Path(args.out), command,

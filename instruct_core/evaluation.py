@@ -93,8 +93,11 @@ def bootstrap_interval(values, seed: int = 0, resamples: int = 1000) -> tuple[fl
     return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def evaluate(variants: list[str], tasks: list[str], settings: EvalSettings, log=print) -> dict:
-    """Scores of every variant on every task: {variant: {task: {metric: [mean, low, high]}}}."""
+def evaluate(variants: list[str], tasks: list[str], settings: EvalSettings, log=print, jobs: int = 1) -> dict:
+    """Scores of every variant on every task: {variant: {task: {metric: [mean, low, high]}}}. With `jobs` > 1
+    the variants are scored in that many processes of one thread each (the same numbers: every draw is seeded)."""
+    if jobs > 1 and len(variants) > 1:
+        return _evaluate_in_processes(variants, tasks, settings, jobs)
     from .bench_metrics import score_batch
     from .bench_tasks import make_split
 
@@ -116,6 +119,28 @@ def evaluate(variants: list[str], tasks: list[str], settings: EvalSettings, log=
             log(f"{variant:>20} {task:<18} O={summary['overall'][0]:.3f} SC={summary['sc'][0]:.3f} "
                 f"PQ={summary['pq'][0]:.3f} ({time.perf_counter() - started:.1f}s)")
     return results
+
+
+def _evaluate_in_processes(variants: list[str], tasks: list[str], settings: EvalSettings, jobs: int) -> dict:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with ProcessPoolExecutor(min(jobs, len(variants)), mp_context=context, initializer=_one_thread) as pool:
+        parts = pool.map(_evaluate_one, [(variant, tasks, settings) for variant in variants])
+        merged = {}
+        for part in parts:
+            merged.update(part)
+    return {variant: merged[variant] for variant in variants}
+
+
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _evaluate_one(job) -> dict:
+    variant, tasks, settings = job
+    return evaluate([variant], tasks, settings, log=lambda line: print(line, flush=True))
 
 
 KEY_METRICS = ("edge_f1", "mask_iou", "depth_order", "subject", "style", "hole", "text")
@@ -181,6 +206,35 @@ def plot_overall(results: dict, tasks: list[str], path: Path) -> Path:
     return path
 
 
+def compare(results: dict, variant: str, baseline: str, task: str, metric: str = "overall") -> tuple[float, str]:
+    """`variant` minus `baseline` on a task's mean, and whether their 95% intervals separate."""
+    mean, low, high = results[variant][task][metric]
+    base_mean, base_low, base_high = results[baseline][task][metric]
+    verdict = "above" if low > base_high else "below" if high < base_low else "overlap"
+    return mean - base_mean, verdict
+
+
+def summary_table(results: dict, tasks: list[str], baselines=("text_only", "no_stage1")) -> str:
+    """The full model against each baseline on every context task: difference in O and interval verdict."""
+    present = [b for b in baselines if b in results and "full" in results]
+    context_tasks = [t for t in tasks if t != "text_to_image"]
+    if not present or not context_tasks:
+        return ""
+    lines = ["| task | " + " | ".join(f"full − {b}" for b in present) + " |",
+             "|---|" + "---|" * len(present)]
+    counts = {b: {"above": 0, "overlap": 0, "below": 0} for b in present}
+    for task in context_tasks:
+        cells = []
+        for baseline in present:
+            difference, verdict = compare(results, "full", baseline, task)
+            counts[baseline][verdict] += 1
+            cells.append(f"{difference:+.3f} ({verdict})")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    totals = "; ".join(f"against {b}: above on {c['above']}, overlapping on {c['overlap']}, below on {c['below']} "
+                       f"of {len(context_tasks)}" for b, c in counts.items())
+    return "\n".join(lines) + "\n\n" + f"Separated 95% intervals, {totals}."
+
+
 def write_results(results: dict, settings: EvalSettings, in_domain: list[str], zero_shot: list[str], path: Path,
                   command: str, seconds: float) -> Path:
     import platform
@@ -210,6 +264,13 @@ def write_results(results: dict, settings: EvalSettings, in_domain: list[str], z
         "Models: **full** = the bundled default model (pretraining + stage 1 + stage 2); **no_stage1** = stage 2 "
         "only; **text_only** = the same base with an untrained adapter (it follows the text alone); "
         "**single_*** = an adapter trained on one task.",
+        "",
+        "## The full model against its baselines",
+        "",
+        "Overall score O of the full model minus the baseline's, per context task; *above* / *below* when the two "
+        "95% intervals do not overlap.",
+        "",
+        summary_table(results, in_domain + zero_shot),
         "",
         "## Overall score O, in-domain tasks",
         "",

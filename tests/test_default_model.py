@@ -7,7 +7,7 @@ import torch
 
 from instruct_core.cli import main
 from instruct_core.default_model import DEFAULT_DIR, WEIGHTS, load_default
-from instruct_core.evaluation import EVALUATOR_FILE, bootstrap_interval
+from instruct_core.evaluation import EVALUATOR_FILE, EvalSettings, bootstrap_interval, compare, evaluate, summary_table
 from instruct_core.models import default_model_available, load_pipeline
 
 pytestmark = pytest.mark.skipif(not default_model_available(), reason="no default model bundled")
@@ -52,13 +52,31 @@ def test_bootstrap_interval_brackets_the_mean():
 def test_reduced_eval_writes_the_results_tables(tmp_path, capsys):
     out = tmp_path / "RESULTS.md"
     code = main(["eval", "--quick", "--variants", "full,text_only", "--tasks", "edge_to_image,control_subject",
-                 "--out", str(out)])
+                 "--out", str(out), "--jobs", "2"])
     assert code == 0
     text = out.read_text()
     assert "| edge_to_image |" in text and "| control_subject |" in text and "zero-shot" in text
+    assert "| task | full − text_only |" in text  # the summary against the baseline
     data = json.loads((tmp_path / "results.json").read_text())
     for variant in ("full", "text_only"):
         for task in ("edge_to_image", "control_subject"):
             mean, low, high = data["results"][variant][task]["overall"]
             assert 0.0 <= low <= mean <= high <= 1.0
     assert (tmp_path / "results_in_domain.png").is_file()
+    # the same numbers as one process gives: every draw is seeded
+    single = evaluate(["text_only"], ["edge_to_image"], EvalSettings(examples_per_task=4, steps=8),
+                      log=lambda line: None)
+    assert single["text_only"]["edge_to_image"] == data["results"]["text_only"]["edge_to_image"]
+
+
+def test_summary_verdicts_follow_the_intervals():
+    results = {"full": {"edge": {"overall": [0.6, 0.5, 0.7]}, "mask": {"overall": [0.4, 0.3, 0.5]},
+                        "depth": {"overall": [0.2, 0.1, 0.25]}},
+               "text_only": {"edge": {"overall": [0.3, 0.2, 0.45]}, "mask": {"overall": [0.35, 0.2, 0.45]},
+                             "depth": {"overall": [0.5, 0.3, 0.6]}}}
+    assert compare(results, "full", "text_only", "edge") == (pytest.approx(0.3), "above")
+    assert compare(results, "full", "text_only", "mask")[1] == "overlap"
+    assert compare(results, "full", "text_only", "depth")[1] == "below"
+    table = summary_table(results, ["text_to_image", "edge", "mask", "depth"])
+    assert "| edge | +0.300 (above) |" in table and "text_to_image" not in table
+    assert "above on 1, overlapping on 1, below on 1 of 3" in table
