@@ -360,6 +360,27 @@ class Trainer:
         return TrainResult(adapter_path, self.step, list(self.losses), cancelled, dict(self.report))
 
     def _micro_step(self, module, examples: list[ExampleTensors], step: int, micro: int):
+        seed = int(step_rng(self.config.train.seed, step, micro, self.accelerator.process_index).integers(2**62))
+        return self._loss(module, examples, seed)
+
+    @torch.no_grad()
+    def held_out_loss(self, examples: list, batch_size: int = 16, seed: int = 0) -> float:
+        """Mean loss over fixed examples with fixed timesteps and noise: comparable before and after training,
+        unlike the running training loss, whose draws change every step."""
+        tensors = [example_to_tensors(e, self.config.data.resolution, self.config.data.resize_policy)
+                   for e in examples]
+        was_training = self.pipe.model.training
+        self.pipe.model.eval()
+        try:
+            total = 0.0
+            for start in range(0, len(tensors), batch_size):
+                chunk = tensors[start:start + batch_size]
+                total += float(self._loss(self.loss_module, chunk, seed + start)) * len(chunk)
+        finally:
+            self.pipe.model.train(was_training)
+        return total / max(1, len(tensors))
+
+    def _loss(self, module, examples: list[ExampleTensors], seed: int):
         pipe = self.pipe
         device = self.accelerator.device
         with torch.no_grad():
@@ -381,7 +402,6 @@ class Trainer:
                 if any(m is not None for m in flat_masks):
                     ones = torch.ones_like(examples[0].target[0])
                     masks = torch.stack([ones if m is None else m for m in flat_masks]).to(device)
-        seed = int(step_rng(self.config.train.seed, step, micro, self.accelerator.process_index).integers(2**62))
         with self.accelerator.autocast():
             return module(x0, text, context_images, context_text, modalities, layout, weights, masks,
                           added, context_added, generator_seed=seed)

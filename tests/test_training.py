@@ -308,3 +308,22 @@ def test_two_processes_train_with_data_parallel(dataset, tmp_path):
     assert proc.stdout.count("done at step 3") == 2  # both ranks finished the same number of steps
     report = json.loads((tmp_path / "ddp" / "train_report.json").read_text())
     assert report["steps"] == 3
+
+
+def test_held_out_loss_is_repeatable_and_sees_the_weights(dataset, tmp_path):
+    from instruct_core.data import read_dataset
+    from instruct_core.tasks import TaskMixture, parse_mix
+    from instruct_core.training import Trainer
+
+    mixture = TaskMixture(parse_mix("edge_to_image=1"), read_dataset(dataset), seed=1, phrasings="train")
+    examples = [mixture[i] for i in range(6)]
+    pipe = _fresh_pipe()
+    trainer = Trainer(_config(tmp_path, 2, dataset), pipe, mixture)
+    pipe.model.train()
+    first = trainer.held_out_loss(examples, batch_size=4)
+    assert pipe.model.training  # the mode it found
+    assert trainer.held_out_loss(examples, batch_size=4) == first  # fixed noise and timesteps
+    with torch.no_grad():
+        for name, parameter in pipe.model.adapter.named_parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))  # the zero-init output layers now act
+    assert trainer.held_out_loss(examples, batch_size=4) != first
