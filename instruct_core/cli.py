@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=1234)
     evaluate.add_argument("--out", default="docs/RESULTS.md")
     evaluate.add_argument("--quick", action="store_true", help="a reduced run (CI): 4 examples, 8 steps")
+    evaluate.add_argument("--cfg-text", type=float, default=3.0, help="text guidance scale s_t")
+    evaluate.add_argument("--cfg-context", type=float, default=1.0,
+                          help="context guidance scale s_c (1.0: chosen on the training split, see RESULTS.md)")
+    evaluate.add_argument("--split", default="test", choices=("test", "train"),
+                          help="train: tune settings on training examples, never on the test split")
     evaluate.add_argument("--jobs", type=int, default=1,
                           help="score the variants in this many processes, one thread each (same numbers)")
 
@@ -257,8 +262,12 @@ def run_eval(args) -> int:
     from .bench_tasks import IN_DOMAIN_TASKS, ZERO_SHOT_TASKS
     from .evaluation import EvalSettings, evaluate, write_results
 
+    for flag, value in (("--cfg-text", args.cfg_text), ("--cfg-context", args.cfg_context)):
+        if not math.isfinite(value):
+            raise UsageError(f"{flag}: {value} must be a finite number")
     settings = EvalSettings(examples_per_task=4 if args.quick else args.examples, seed=args.seed,
-                            steps=8 if args.quick else args.steps)
+                            steps=8 if args.quick else args.steps, text_scale=args.cfg_text,
+                            context_scale=args.cfg_context, split=args.split)
     tasks = _benchmark_tasks(args.tasks)
     variants = [v for v in args.variants.split(",") if v]
     started = time.perf_counter()

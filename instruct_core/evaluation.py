@@ -34,8 +34,9 @@ class EvalSettings:
     sampler: str = "dpmpp_2m"
     schedule: str = "karras"
     text_scale: float = 3.0
-    context_scale: float = 3.0
+    context_scale: float = 1.0
     batch_size: int = 32
+    split: str = "test"  # "train" to choose settings without looking at the test split
 
 
 def variant_pipe(variant: str):
@@ -102,7 +103,7 @@ def evaluate(variants: list[str], tasks: list[str], settings: EvalSettings, log=
     from .bench_tasks import make_split
 
     evaluator = load_evaluator()
-    splits = {task: make_split(task, "test", settings.examples_per_task, seed=settings.seed) for task in tasks}
+    splits = {task: make_split(task, settings.split, settings.examples_per_task, seed=settings.seed) for task in tasks}
     results: dict = {}
     for variant in variants:
         pipe = variant_pipe(variant)
@@ -251,8 +252,9 @@ def write_results(results: dict, settings: EvalSettings, in_domain: list[str], z
         "",
         f"Reproduce with `{command}` ({seconds / 60:.1f} minutes on {platform.machine()} CPU, "
         f"torch {torch.__version__}, diffusers {diffusers.__version__}). Every number is the mean over "
-        f"{settings.examples_per_task} test examples per task with its 95% bootstrap interval "
-        f"(test split seed {settings.seed}; sampler {settings.sampler}/{settings.schedule}, {settings.steps} steps, "
+        f"{settings.examples_per_task} {settings.split} examples per task with its 95% bootstrap interval "
+        f"({settings.split} split seed {settings.seed}; sampler {settings.sampler}/{settings.schedule}, "
+        f"{settings.steps} steps, "
         f"text and context guidance {settings.text_scale}/{settings.context_scale}; per-batch sampling seeds "
         f"{settings.seed} + offset).",
         "",
