@@ -182,8 +182,11 @@ class ContextState:
         return tokens, (h, w), per_token(self.weights), per_token(self.valid)
 
     def attend_mask(self, level: int, rows: torch.Tensor, query_hw: tuple[int, int]):
-        """Boolean mask (B', 1, 1 or Nq, 1+N): True where a query may attend; the null token always."""
+        """Boolean mask (B', 1, 1 or Nq, 1+N): True where a query may attend; the null token always. None
+        when every row's every slot holds a context and no region mask applies."""
         key = ("mask", level, query_hw)
+        if key not in self.cache and self.region_masks is None and bool(self.valid[rows].all()):
+            self.cache[key] = None  # nothing to hide: SDPA without a mask takes its faster kernels
         if key not in self.cache:
             h, w = self.features[level].shape[-2:]
             valid = self.valid[rows].repeat_interleave(h * w, dim=1)  # never touches the features' graph

@@ -268,3 +268,24 @@ def test_adapter_with_nan_is_refused(tmp_path):
     path = save_adapter(model, tmp_path / "nan.safetensors")
     with pytest.raises(AdapterError, match="NaN"):
         load_adapter(path, tiny_unet(channels=(32, 64, 64)))
+
+
+def test_a_full_batch_attends_without_a_mask_and_gets_the_masked_result():
+    from instruct_core.context_attention import ContextAttention
+
+    torch.manual_seed(0)
+    layer = ContextAttention(query_dim=8, context_dim=6, inner_dim=8, out_dim=8, heads=2, num_freqs=2)
+    torch.nn.init.normal_(layer.to_out.weight)
+    features = {0: torch.randn(2, 2, 6, 3, 3)}
+    state = ContextState(features, valid=torch.ones(2, 2, dtype=torch.bool), weights=torch.ones(2, 2))
+    rows = torch.arange(2)
+    assert state.attend_mask(0, rows, (4, 4)) is None
+    tokens = features[0].permute(0, 1, 3, 4, 2).reshape(2, 18, 6)
+    keys, values = layer.context_keys_values(tokens, (3, 3), torch.ones(2, 18))
+    hidden = torch.randn(2, 16, 8)
+    everywhere = torch.ones(2, 1, 1, 19, dtype=torch.bool)
+    assert torch.allclose(layer(hidden, (4, 4), keys, values, None),
+                          layer(hidden, (4, 4), keys, values, everywhere), atol=1e-6)
+    padded = ContextState(features, valid=torch.tensor([[True, True], [True, False]]), weights=torch.ones(2, 2))
+    mask = padded.attend_mask(0, rows, (4, 4))
+    assert mask is not None and not mask[1, 0, 0, 10:].any()  # the empty slot stays hidden
