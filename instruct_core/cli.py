@@ -153,6 +153,17 @@ def _load_init_image(path: str, width: int, height: int):
     return pil_to_tensor(prepare_context_image(image, (width, height)))[None]
 
 
+def _check_seed(seed: int) -> None:
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise UsageError(f"--seed: must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}")
+
+
+def _check_guidance_scales(args) -> None:
+    for flag, value in (("--cfg-text", args.cfg_text), ("--cfg-context", args.cfg_context)):
+        if not math.isfinite(value):
+            raise UsageError(f"{flag}: {value} must be a finite number")
+
+
 def run_generate(args) -> int:
     from .guidance import GuidanceConfig
     from .instruction import load_instruction
@@ -161,11 +172,8 @@ def run_generate(args) -> int:
 
     if args.batch < 1:
         raise UsageError(f"--batch: {args.batch} must be at least 1")
-    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
-        raise UsageError(f"--seed: must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}")
-    for flag, value in (("--cfg-text", args.cfg_text), ("--cfg-context", args.cfg_context)):
-        if not math.isfinite(value):
-            raise UsageError(f"{flag}: {value} must be a finite number")
+    _check_seed(args.seed)
+    _check_guidance_scales(args)
     pipe = load_pipeline(args.model, args.adapter, args.device, args.dtype, args.allow_pickle)
     instruction = load_instruction(args.instruction, root=args.root, known_modalities=pipe.known_modalities,
                                    max_contexts=pipe.max_contexts)
@@ -262,9 +270,7 @@ def run_eval(args) -> int:
     from .bench_tasks import IN_DOMAIN_TASKS, ZERO_SHOT_TASKS
     from .evaluation import EvalSettings, evaluate, write_results
 
-    for flag, value in (("--cfg-text", args.cfg_text), ("--cfg-context", args.cfg_context)):
-        if not math.isfinite(value):
-            raise UsageError(f"{flag}: {value} must be a finite number")
+    _check_guidance_scales(args)
     settings = EvalSettings(examples_per_task=4 if args.quick else args.examples, seed=args.seed,
                             steps=8 if args.quick else args.steps, text_scale=args.cfg_text,
                             context_scale=args.cfg_context, split=args.split)
@@ -352,8 +358,7 @@ def run_demo(args) -> int:
     tasks = _benchmark_tasks(args.tasks)
     if args.steps < 1:
         raise UsageError(f"--steps: {args.steps} must be at least 1")
-    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
-        raise UsageError(f"--seed: must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}")
+    _check_seed(args.seed)
     pipe = load_pipeline(args.model, args.adapter, args.device, args.dtype, args.allow_pickle)
     print(write_demo(pipe, Path(args.out), tasks, seed=args.seed, steps=args.steps,
                      log=lambda line: print(line, flush=True)))
@@ -362,21 +367,13 @@ def run_demo(args) -> int:
 
 def save_images(images, out: Path) -> list[Path]:
     """Write (B, 3, H, W) images in [0, 1] as PNGs; atomic per file so a reader never sees half an image."""
-    import numpy as np
-    from PIL import Image
+    from .pipeline import save_png, tensor_to_pil
 
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if images.shape[0] == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
                                                   for i in range(images.shape[0])]
     for image, path in zip(images, paths):
-        array = (image.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            Image.fromarray(array).save(tmp, format="PNG")
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        save_png(tensor_to_pil(image), path)
     return paths
 
 

@@ -8,12 +8,11 @@ its context images, `result.png` and `ground_truth.png` (the benchmark's exact r
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image, ImageDraw
+
+from .pipeline import save_png, tensor_to_pil
 
 CELL = 96          # contact-sheet cell size; the default model draws 32x32, enlarged without smoothing
 LABEL_WIDTH = 150
@@ -55,11 +54,6 @@ def run_demo(pipe, out_dir: Path, tasks: list[str], *, seed: int = 0, steps: int
     return write_contact_sheet(items, out_dir / "contact_sheet.png")
 
 
-def tensor_to_pil(image: torch.Tensor) -> Image.Image:
-    array = (image.detach().float().cpu().permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
-    return Image.fromarray(array)
-
-
 def write_task_folder(folder: Path, example, result: Image.Image) -> DemoItem:
     from .instruction import save_instruction
 
@@ -67,16 +61,16 @@ def write_task_folder(folder: Path, example, result: Image.Image) -> DemoItem:
     contexts = []
     for context in example.instruction.contexts:
         name = f"context_{context.id}_{context.modality}.png"
-        _save_png(context.image, folder / name)
+        save_png(context.image, folder / name)
         mask_name = None
         if context.mask is not None:
             mask_name = f"context_{context.id}_mask.png"
-            _save_png(context.mask, folder / mask_name)
+            save_png(context.mask, folder / mask_name)
         contexts.append(dataclasses.replace(context, image_source=name, mask_source=mask_name))
     instruction = dataclasses.replace(example.instruction, contexts=contexts, base_dir=folder.absolute())
     save_instruction(instruction, folder / "instruction.json")
-    _save_png(result, folder / "result.png")
-    _save_png(example.target, folder / "ground_truth.png")
+    save_png(result, folder / "result.png")
+    save_png(example.target, folder / "ground_truth.png")
     return DemoItem(example.task, folder, example.instruction.text, [c.image for c in contexts], result,
                     example.target)
 
@@ -99,7 +93,7 @@ def write_contact_sheet(items: list[DemoItem], path: Path) -> Path:
             if image is not None:
                 sheet.paste(image.convert("RGB").resize((CELL - 4, CELL - 4), Image.NEAREST),
                             (LABEL_WIDTH + column * CELL + 2, top + 2))
-    _save_png(sheet, path)
+    save_png(sheet, path)
     return path
 
 
@@ -112,13 +106,3 @@ def _wrap(text: str, width: int) -> list[str]:
         else:
             current = f"{current} {word}".strip()
     return lines + ([current] if current else [])
-
-
-def _save_png(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -68,9 +68,8 @@ def load_evaluator():
 @torch.no_grad()
 def generate_for(pipe, examples, settings: EvalSettings) -> list:
     """One image per example, batched: the instructions are encoded one by one and sampled together."""
-    from PIL import Image
-
     from .guidance import Conditioning, GuidanceConfig
+    from .pipeline import tensor_to_pil
 
     guidance = GuidanceConfig(settings.text_scale, settings.context_scale)
     images = []
@@ -80,9 +79,7 @@ def generate_for(pipe, examples, settings: EvalSettings) -> list:
         cond = Conditioning.concat([pipe.encode_instruction(e.instruction, (size, size)) for e in chunk])
         result = pipe.sample(cond, seed=settings.seed + start, steps=settings.steps, sampler=settings.sampler,
                              schedule=settings.schedule, guidance=guidance, width=size, height=size)
-        for image in result.images:
-            array = (image.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
-            images.append(Image.fromarray(array))
+        images.extend(tensor_to_pil(image) for image in result.images)
     return images
 
 

@@ -19,7 +19,6 @@ such as Heun see the parity of the sigma they evaluate.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch

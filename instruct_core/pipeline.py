@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -39,6 +40,35 @@ def pil_to_tensor(image) -> torch.Tensor:
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def tensor_to_pil(image: torch.Tensor):
+    """Float tensor (3, H, W) in [0, 1] -> RGB PIL image."""
+    from PIL import Image
+
+    array = (image.detach().float().cpu().permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def save_png(image, path) -> None:
+    """Write a PIL image as PNG through a temporary file, so a reader never sees half an image."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _check_image_batch(field: str, images: torch.Tensor, channels: int, width: int, height: int,
+                       batch_size: int) -> None:
+    """(1 or batch_size, channels, height, width), or an InstructionError naming `field`."""
+    if images.dim() != 4 or images.shape[1] != channels or tuple(images.shape[-2:]) != (height, width):
+        raise InstructionError(f"{field}: expected shape (B, {channels}, {height}, {width}), "
+                               f"got {tuple(images.shape)}")
+    if images.shape[0] not in (1, batch_size):
+        raise InstructionError(f"{field}: batch {images.shape[0]} does not match batch {batch_size}")
 
 
 class MaskedDenoiser:
@@ -270,21 +300,14 @@ class InstructImagen:
         return sigmas_for_denoise(lambda n: get_sigmas(self.schedule, n, schedule), steps, denoise).float()
 
     def _latent_mask(self, mask: torch.Tensor, width: int, height: int, batch_size: int, latent_size) -> torch.Tensor:
-        if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[-2:]) != (height, width):
-            raise InstructionError(f"mask: expected shape (B, 1, {height}, {width}), got {tuple(mask.shape)}")
-        if mask.shape[0] not in (1, batch_size):
-            raise InstructionError(f"mask: batch {mask.shape[0]} does not match batch {batch_size}")
+        _check_image_batch("mask", mask, 1, width, height, batch_size)
         if not torch.isfinite(mask).all():
             raise InstructionError("mask: holds NaN or infinite values")
         mask = torch.nn.functional.interpolate(mask.float().clamp(0, 1), size=tuple(latent_size), mode="area")
         return mask.to(self.device).expand(batch_size, -1, -1, -1)
 
     def _init_sample(self, init_image: torch.Tensor, width: int, height: int, batch_size: int) -> torch.Tensor:
-        if init_image.dim() != 4 or init_image.shape[1] != 3 or tuple(init_image.shape[-2:]) != (height, width):
-            raise InstructionError(f"init_image: expected shape (B, 3, {height}, {width}), "
-                                   f"got {tuple(init_image.shape)}")
-        if init_image.shape[0] not in (1, batch_size):
-            raise InstructionError(f"init_image: batch {init_image.shape[0]} does not match batch {batch_size}")
+        _check_image_batch("init_image", init_image, 3, width, height, batch_size)
         sample = self.to_model_space(init_image).float()
         return sample.expand(batch_size, -1, -1, -1)
 

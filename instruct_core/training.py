@@ -318,7 +318,7 @@ class Trainer:
                 try:
                     loss = self._micro_step(module, examples, step, micro)
                     self.accelerator.backward(loss)
-                except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as error:
+                except (MemoryError, RuntimeError) as error:  # torch.cuda.OutOfMemoryError is a RuntimeError
                     if not is_out_of_memory(error):
                         raise
                     raise TrainingError(
