@@ -231,7 +231,7 @@ def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subje
         dataset = BenchmarkTaskDataset(mix, length=100_000, seed=recipe["seed"] + 1, size=size)
         started = time.perf_counter()
         result = Trainer(_trainer_config(settings, work_dir / variant.replace(":", "_"), recipe["seed"], "adapter"),
-                         pipe, dataset).run()
+                         pipe, dataset).run(resume=True)  # an interrupted ablation goes on
         path = save_adapter(pipe.model, folder / "ablations" / f"{variant.replace(':', '_')}.safetensors",
                             {"variant": variant, "trained_steps": result.step})
         measured[variant] = {"steps": result.step, "seconds": round(time.perf_counter() - started, 1),

@@ -114,6 +114,15 @@ class InstructImagen:
     def known_modalities(self) -> tuple[str, ...]:
         return tuple(self.model.adapter.config.modalities)
 
+    def weight_modules(self) -> dict[str, torch.nn.Module]:
+        """Every module that holds weights, by name: what a host application moves between devices."""
+        modules: dict[str, torch.nn.Module] = {"model": self.model}  # the UNet is inside it
+        for index, encoder in enumerate(self.base.text_encoders):
+            modules[f"text_encoder_{index}"] = encoder
+        if self.base.vae is not None:
+            modules["vae"] = self.base.vae
+        return modules
+
     @property
     def max_contexts(self) -> int:
         return self.model.adapter.config.max_contexts

@@ -8,9 +8,13 @@ PIL images.
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 from dataclasses import dataclass, field
 
+import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension
 import numpy as np
 import torch
 from comfy_api.latest import io
@@ -26,18 +30,42 @@ Instruction = io.Custom("INSTRUCTION")
 Conditioning = io.Custom("INSTRUCT_CONDITIONING")
 
 
+class InstructImagenWeights(torch.nn.ModuleDict):
+    """The pipeline's modules as one module for a ModelPatcher; ComfyUI's log names models by this class."""
+
+
 @dataclass
 class ModelHandle:
-    """An INSTRUCT_IMAGEN_MODEL value: the pipeline and what it was loaded from."""
+    """An INSTRUCT_IMAGEN_MODEL value: the pipeline, what it was loaded from, and the ModelPatcher through
+    which ComfyUI's model management places its weights."""
 
     pipe: object  # instruct_core.pipeline.InstructImagen
     name: str
     adapter: str | None = None
     dtype: str = "auto"
+    patcher: object = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.patcher is None:
+            self.patcher = comfy.model_patcher.ModelPatcher(
+                InstructImagenWeights(self.pipe.weight_modules()),
+                load_device=comfy.model_management.get_torch_device(),
+                offload_device=comfy.model_management.unet_offload_device())
+            name = self.name  # not self: the patcher must not keep its handle alive
+            self.patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH,
+                                      lambda patcher, unpatch_all: _offloaded(name))
 
     @property
     def key(self) -> str:
         return f"{self.name}+{self.adapter or 'none'}@{self.dtype}#{id(self.pipe)}"
+
+    def on_compute_device(self, memory_required: float = 0):
+        """The pipeline, loaded on ComfyUI's compute device. load_models_gpu first offloads other models to
+        make room, and registers this one, so that later loads can offload it in turn. Full load only:
+        ComfyUI streams weights in low-VRAM mode through its own layer classes, which these modules are not."""
+        comfy.model_management.load_models_gpu([self.patcher], memory_required=memory_required,
+                                               force_full_load=True)
+        return self.pipe
 
 
 @dataclass
@@ -147,6 +175,8 @@ def cached_model(key: tuple, load) -> ModelHandle:
 
 
 def _released(name: str) -> None:
-    import logging
-
     logging.info("[Instruct-Imagen] released model %s", name)
+
+
+def _offloaded(name: str) -> None:
+    logging.info("[Instruct-Imagen] offloaded model %s", name)

@@ -35,6 +35,7 @@ class InstructImagenLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: str, adapter: str, dtype: str) -> io.NodeOutput:
+        from ..instruct_core.loading import resolve_dtype
         from ..instruct_core.models import load_pipeline
 
         device = comfy.model_management.get_torch_device()
@@ -44,7 +45,10 @@ class InstructImagenLoader(io.ComfyNode):
             key = (model, adapter_path, dtype, str(device))
 
             def load() -> ModelHandle:
-                pipe = load_pipeline(source, adapter_path, device=str(device), dtype=dtype)
+                # Weights start on the offload device, in the compute device's dtype; the first node that
+                # runs the model asks ComfyUI to load it, as ComfyUI's own loaders do.
+                pipe = load_pipeline(source, adapter_path, device=str(comfy.model_management.unet_offload_device()),
+                                     dtype=resolve_dtype(dtype, device))
                 return ModelHandle(pipe, model, None if adapter_path is None else adapter, dtype)
 
             return io.NodeOutput(cached_model(key, load))

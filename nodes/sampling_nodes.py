@@ -55,7 +55,7 @@ class MultiModalEncode(io.ComfyNode):
     @classmethod
     def execute(cls, model: ModelHandle, instruction: MultiModalInstruction, context_width: int,
                 context_height: int, resize_policy: str) -> io.NodeOutput:
-        pipe = model.pipe
+        pipe = model.on_compute_device()
         size = (context_width or pipe.native_size, context_height or pipe.native_size)
         with node_errors():
             cond = pipe.encode_instruction(instruction, size, resize_policy)
@@ -100,10 +100,10 @@ class InstructSampler(io.ComfyNode):
     def execute(cls, model: ModelHandle, conditioning: EncodedInstruction, seed: int, steps: int, sampler: str,
                 schedule: str, cfg_text: float, cfg_context: float, guidance: str, width: int, height: int,
                 batch_size: int, denoise: float, latent=None, init_image=None) -> io.NodeOutput:
-        pipe = model.pipe
         if conditioning.model_key != model.key:
             raise ValueError("conditioning: it was encoded by another model; connect the same model to "
                              "MultiModalEncode and InstructSampler")
+        pipe = model.on_compute_device()
         init = mask = None
         if latent is not None:
             init = latent_to_images(pipe, latent["samples"])

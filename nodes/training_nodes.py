@@ -98,23 +98,23 @@ class FineTuneStage(io.ComfyNode):
         }
         # ComfyUI runs nodes under inference mode; training needs autograd and tensors made outside it.
         with torch.inference_mode(False), torch.enable_grad():
-            result, pipe = cls.train(settings, resume, steps)
+            result, handle = cls.train(settings, resume, steps, base_model)
+        pipe = handle.pipe
         pipe.model.eval().requires_grad_(False)
         if result.cancelled:
             comfy.model_management.throw_exception_if_processing_interrupted()
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(result.adapter_path, target.with_name(target.name + ".tmp"))
         os.replace(target.with_name(target.name + ".tmp"), target)
-        handle = ModelHandle(pipe, base_model, target.name, "fp32")
+        handle.adapter = target.name
         curve = pil_to_comfy(Image.open(run_dir / "loss_curve.png"))
         return io.NodeOutput(handle, target.name, curve, ui={"text": [f"{result.step} steps, adapter {target}"]})
 
     @classmethod
-    def train(cls, settings: dict, resume: bool, steps: int):
+    def train(cls, settings: dict, resume: bool, steps: int, base_model: str):
         from ..instruct_core.models import load_pipeline
         from ..instruct_core.train_config import config_from_dict
 
-        device = comfy.model_management.get_torch_device()
         progress = comfy.utils.ProgressBar(steps)
 
         def report(step: int, total: int, loss: float) -> None:
@@ -129,8 +129,13 @@ class FineTuneStage(io.ComfyNode):
                 from ..instruct_core.stages import adapter_config_of, run_training
 
                 config = config_from_dict(settings)
-                pipe = load_pipeline(config.base_model, config.adapter, device=str(device), dtype="fp32",
+                pipe = load_pipeline(config.base_model, config.adapter, dtype="fp32",
+                                     device=str(comfy.model_management.unet_offload_device()),
                                      adapter_config=adapter_config_of(config))
+                handle = ModelHandle(pipe, base_model, None, "fp32")
+                # Training takes the device: every other model is offloaded first, as ComfyUI's own training
+                # node does.
+                handle.on_compute_device(memory_required=1e20)
                 if "resolution" not in settings["data"]:
                     config.data.resolution = pipe.native_size
                 result = run_training(config, pipe=pipe, progress=report,
@@ -141,4 +146,4 @@ class FineTuneStage(io.ComfyNode):
                     raise
                 raise ValueError(f"FineTuneStage needs {package} for stage {settings['stage']}: "
                                  f"pip install {package} (into ComfyUI's Python)") from None
-        return result, pipe
+        return result, handle

@@ -224,6 +224,28 @@ def test_free_releases_the_models(server):
         time.sleep(0.5)
 
 
+def test_models_are_placed_by_comfyui_model_management(server):
+    """Loaded through load_models_gpu and unloaded by it: ComfyUI can offload the pack's models for others."""
+    requested = "Requested to load InstructImagenWeights"
+    graph = load("text_to_image")
+    run(server, graph)
+    loads = server.log_text().count(requested)
+    assert loads >= 1 and "loaded completely" in server.log_text()
+    graph["4"]["inputs"]["seed"] += 1
+    run(server, graph)
+    assert server.log_text().count(requested) == loads  # still loaded: not loaded twice
+    offloaded = "[Instruct-Imagen] offloaded model default"
+    before = server.log_text().count(offloaded)
+    server.post("/free", {"unload_models": True})  # unload only: the node cache keeps the model object
+    deadline = time.monotonic() + 60
+    while server.log_text().count(offloaded) == before:
+        assert time.monotonic() < deadline, "POST /free did not unload the model"
+        time.sleep(0.5)
+    graph["4"]["inputs"]["seed"] += 1
+    run(server, graph)
+    assert server.log_text().count(requested) == loads + 1  # ComfyUI had unloaded it, and loaded it again
+
+
 def test_interrupt_stops_sampling_within_a_step(server):
     graph = load("text_to_image")
     graph["4"]["inputs"].update(steps=400, seed=99)

@@ -171,6 +171,21 @@ def test_loader_shares_one_copy_and_names_a_missing_adapter(dirs, model):
         N["InstructImagenLoader"].execute("tiny", "broken.safetensors", "fp32")
 
 
+def test_the_model_is_placed_through_comfyui_model_management(model, caplog):
+    weights = model.patcher.model
+    assert set(weights) == {"model", "text_encoder_0"}  # the pixel-space tiny model has no VAE
+    assert weights["model"] is model.pipe.model
+    assert model.patcher.model_size() == sum(t.nbytes for t in weights.state_dict().values())
+    comfy.model_management.unload_all_models()
+    cond = N["MultiModalEncode"].execute(model, build("a cat"), 0, 0, "crop")[0]
+    assert comfy.model_management.current_loaded_models[0] is model.patcher  # loaded before use
+    with caplog.at_level("INFO"):
+        comfy.model_management.unload_all_models()
+    assert "[Instruct-Imagen] offloaded model tiny" in caplog.text
+    sample(model, cond, seed=1)
+    assert comfy.model_management.current_loaded_models[0] is model.patcher  # loaded again to sample
+
+
 def test_encode_once_and_sample_many(model, monkeypatch):
     calls = []
     original = model.pipe.encode_instruction

@@ -42,3 +42,25 @@ def intermediate_device():
 
 def free_memory(memory_required, device, keep_loaded=[]):
     return []
+
+
+def unet_offload_device():
+    return torch.device("cpu")
+
+
+current_loaded_models = []  # the patchers load_models_gpu placed, most recent first (ComfyUI: LoadedModel)
+
+
+def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                    force_full_load=False):
+    for patcher in models:
+        if patcher in current_loaded_models:
+            current_loaded_models.remove(patcher)
+        patcher.model.to(patcher.load_device)
+        patcher.model.device = patcher.load_device
+        current_loaded_models.insert(0, patcher)
+
+
+def unload_all_models():
+    while current_loaded_models:
+        current_loaded_models.pop().detach()
