@@ -9,7 +9,6 @@ run with a large matmul. Figures, targets and how to read them: docs/BENCHMARKS.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import platform
@@ -683,7 +682,7 @@ def bench_sample(settings: SampleBenchSettings, log: Callable[[str], None] = pri
                      "text_shape": [setup.text_tokens, setup.text_dim], "pixel_size": setup.pixel_size},
         "peak": peak, "memory": memory_label(device), "rows": rows, "encoding": encoding,
         "checks": sample_checks(rows, encoding, settings, device), "compile": compile_note,
-        "comfyui": comfyui_status(), "profiles": profiles,
+        "profiles": profiles,
     }
 
 
@@ -1054,15 +1053,6 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
             "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()}
 
 
-def comfyui_status() -> str:
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        return "ComfyUI: not present (set COMFYUI_PATH)"
-    if importlib.util.find_spec("comfy") is None and not (Path(path) / "comfy" / "samplers.py").is_file():
-        return f"ComfyUI: not found at COMFYUI_PATH={path}"
-    return f"ComfyUI: found at {path}; a KSampler comparison is not part of this benchmark"
-
-
 def write_json(report: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1114,7 +1104,7 @@ def format_sample_report(report: dict) -> str:
     lines += ["", "Checks:", *[check_line(c) for c in report["checks"]]]
     if report.get("compile"):
         lines.append(f"compile: {report['compile']}")
-    lines += ["", report["comfyui"]]
+    lines += ["", "ComfyUI's KSampler vs InstructSampler: `python -m instruct_core bench comfyui` (a running server)"]
     for name, table in report.get("profiles", {}).items():
         lines += ["", f"Profile, {name} (a 2-step generation, context encoding included):", table]
     return "\n".join(lines)

@@ -118,6 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     bench_train.add_argument("--modes", default="adapter,full", help="comma-separated: adapter, full")
     bench_train.add_argument("--contexts", type=int, default=1, help="contexts K per image")
+    bench_comfy = kinds.add_parser("comfyui", help="InstructSampler with no contexts vs ComfyUI's KSampler, "
+                                   "same checkpoint, on a running ComfyUI")
+    bench_comfy.add_argument("--server", required=True, help="the ComfyUI address, e.g. http://127.0.0.1:8188")
+    bench_comfy.add_argument("--checkpoint", required=True, help="a checkpoint in the server's models/checkpoints")
+    bench_comfy.add_argument("--write-random-checkpoint", default=None, metavar="FOLDER",
+                             help="first write an SD1.5-shaped checkpoint with random weights, named "
+                                  "--checkpoint, into FOLDER (the server's models/checkpoints)")
+    bench_comfy.add_argument("--size", type=int, default=512, help="image width and height in pixels")
+    bench_comfy.add_argument("--batch", type=int, default=1)
+    bench_comfy.add_argument("--steps", type=int, default=20)
+    bench_comfy.add_argument("--repeats", type=int, default=3, help="timed runs of each sampler")
+    bench_comfy.add_argument("--cfg", type=float, default=5.0)
+    bench_comfy.add_argument("--json", default=None, help="also write the full report to this JSON file")
     return parser
 
 
@@ -310,6 +323,8 @@ def _bench_command() -> str:
 def run_bench(args) -> int:
     from . import benchmark
 
+    if args.bench_kind == "comfyui":
+        return run_bench_comfyui(args)
     _at_least("--steps", args.steps, 1)
     _at_least("--warmup", args.warmup, 0)
     common = dict(size=args.size, device=args.device, dtype=args.dtype, steps=args.steps, warmup=args.warmup,
@@ -337,6 +352,39 @@ def run_bench(args) -> int:
     print(text)
     if args.json:
         print(benchmark.write_json(report, args.json))
+    return 0
+
+
+def run_bench_comfyui(args) -> int:
+    from . import bench_comfyui
+    from .benchmark import write_json
+    from .client import ClientError
+
+    for flag, value, least in (("--steps", args.steps, 2), ("--repeats", args.repeats, 1), ("--batch", args.batch, 1),
+                               ("--size", args.size, 64)):
+        _at_least(flag, value, least)
+    if args.size % 8:
+        raise UsageError(f"--size: {args.size} must be a multiple of 8")
+    if not math.isfinite(args.cfg) or args.cfg < 0:
+        raise UsageError(f"--cfg: {args.cfg} must be a finite number >= 0")
+    if Path(args.checkpoint).name != args.checkpoint:
+        raise UsageError(f"--checkpoint: {args.checkpoint!r} must be a file name, as the server lists it")
+    log = lambda line: print(line, file=sys.stderr, flush=True)
+    if args.write_random_checkpoint:
+        path = Path(args.write_random_checkpoint) / args.checkpoint
+        log(f"writing a random SD1.5-shaped checkpoint to {path}")
+        bench_comfyui.write_random_checkpoint(path)
+    settings = bench_comfyui.ComfyBenchSettings(
+        server=args.server, checkpoint=args.checkpoint, size=args.size, batch=args.batch, steps=args.steps,
+        repeats=args.repeats, cfg=args.cfg, command=_bench_command())
+    try:
+        report = bench_comfyui.bench_comfyui(settings, log)
+    except ClientError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.code
+    print(bench_comfyui.format_comfyui_report(report))
+    if args.json:
+        print(write_json(report, args.json))
     return 0
 
 

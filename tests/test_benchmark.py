@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from instruct_core import benchmark
+from instruct_core import bench_comfyui, benchmark
 from instruct_core.cli import main
 
 CPU = torch.device("cpu")
@@ -46,7 +46,6 @@ def test_sample_report_has_a_row_per_path_and_guidance(sample_report):
     assert all(r["unet_calls_per_step"] == 1 for r in sample_report["rows"])
     assert sample_report["peak"]["flops_per_s"] > 0
     assert {c["status"] for c in sample_report["checks"]} <= {"PASS", "FAIL", "n/a"}
-    assert sample_report["comfyui"].startswith("ComfyUI:")
     text = benchmark.format_sample_report(sample_report)
     assert "diffusers" in text and "Checks:" in text and sample_report["environment"]["torch"] in text
 
@@ -111,6 +110,9 @@ def test_cli_bench_train_writes_the_json(tmp_path):
     assert adapter["trainable_params"] < full["trainable_params"]
 
 
+COMFY = ["--server", "http://127.0.0.1:1", "--checkpoint", "x.safetensors"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["sample", "--batch", "0"], "--batch"),
     (["sample", "--contexts", "1,x"], "--contexts"),
@@ -119,6 +121,11 @@ def test_cli_bench_train_writes_the_json(tmp_path):
     (["sample", "--device", "cpu", "--dtype", "fp16"], "fp16"),
     (["train", "--modes", "lora"], "--modes"),
     (["train", "--batch", "0"], "--batch"),
+    (["comfyui", *COMFY, "--steps", "1"], "--steps"),
+    (["comfyui", *COMFY, "--size", "100"], "--size"),
+    (["comfyui", *COMFY, "--cfg", "nan"], "--cfg"),
+    (["comfyui", "--server", "http://127.0.0.1:1", "--checkpoint", "../x.safetensors"], "--checkpoint"),
+    (["comfyui", "--server", "ftp://host", "--checkpoint", "x.safetensors"], "--server"),
 ])
 def test_bad_bench_values_exit_2_with_a_message(args, message, capsys):
     assert main(["bench", *args]) == 2
@@ -131,3 +138,33 @@ def test_malformed_bench_arguments_exit_2(args):
     with pytest.raises(SystemExit) as raised:
         main(["bench", *args])
     assert raised.value.code == 2
+
+
+def test_comfyui_bench_times_steps_from_progress_events():
+    def event(kind, **data):
+        return {"type": kind, "data": {"prompt_id": "p", **data}}
+
+    stamped = [(0.0, event("executing", node="1")), (1.0, event("executing", node="5")),
+               (1.5, event("progress", node="5", value=1, max=3)), (1.7, event("progress", node="5", value=2, max=3)),
+               (1.8, event("progress", node="6", value=1, max=1)), (2.0, event("progress", node="5", value=3, max=3)),
+               (2.5, event("executing", node="6")), (3.0, event("executing", node=None))]
+    # the first step's interval (from the node's start) is not a step: it holds the sampler's setup
+    assert bench_comfyui.step_intervals(stamped, "5") == pytest.approx([0.2, 0.3])
+    assert bench_comfyui.node_seconds(stamped, "5") == pytest.approx(1.5)
+    assert bench_comfyui.node_seconds(stamped, "6") == pytest.approx(0.5)
+    assert bench_comfyui.node_seconds(stamped, "9") is None
+
+
+def test_comfyui_bench_graphs_sample_alike():
+    settings = bench_comfyui.ComfyBenchSettings(server="http://x", checkpoint="m.safetensors", size=256, batch=2,
+                                                steps=7, cfg=4.5)
+    comfy = bench_comfyui.comfyui_graph(settings, seed=3)["5"]["inputs"]
+    ours = bench_comfyui.instruct_graph(settings, seed=3)["4"]["inputs"]
+    assert (comfy["steps"], comfy["cfg"], comfy["sampler_name"], comfy["scheduler"], comfy["seed"]) == \
+        (ours["steps"], ours["cfg_text"], ours["sampler"], ours["schedule"], ours["seed"])
+    assert ours["cfg_context"] == 1.0  # no contexts: text guidance alone, two rows per image like KSampler
+
+
+def test_comfyui_bench_says_when_the_server_is_unreachable(capsys):
+    assert main(["bench", "comfyui", *COMFY]) == 1
+    assert "cannot reach http://127.0.0.1:1" in capsys.readouterr().err

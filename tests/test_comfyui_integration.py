@@ -274,3 +274,19 @@ def test_interrupt_stops_sampling_within_a_step(server):
         events.close()
     assert stopped.get("interrupted")
     assert stopped.get("last", 2) <= 3
+
+
+def test_the_ksampler_comparison_runs_on_the_same_checkpoint(server, tmp_path):
+    """`bench comfyui` end to end on a random SD1.5-shaped single file that both samplers load."""
+    report_path = tmp_path / "report.json"
+    command = [sys.executable, "-m", "instruct_core", "bench", "comfyui", "--server", server.url,
+               "--checkpoint", "random_sd15.safetensors", "--write-random-checkpoint",
+               str(server.base / "models" / "checkpoints"), "--size", "64", "--steps", "3", "--repeats", "1",
+               "--json", str(report_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    for key, node in (("comfyui", "KSampler"), ("instruct", "InstructSampler")):
+        row = report[key]
+        assert row["node"] == node and row["steps_timed"] == 2 and row["step_ms_median"] > 0
+    assert report["per_step_ratio"] > 0 and "| KSampler |" in done.stdout

@@ -1,0 +1,202 @@
+"""InstructSampler with no contexts against ComfyUI's own KSampler, on the same checkpoint, in one live server.
+
+Both graphs sample with Euler on the Karras schedule and classifier-free guidance, at the same size, batch and
+step count. Per-step time is the median interval between the sampler node's progress events, stamped as they
+arrive on the server's websocket (both nodes report every step), so loading, text encoding and decoding do
+not enter it; the node's whole execution time is reported beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from .client import ClientError, ComfyClient
+
+PROMPT = "a red cube on a wooden table"
+INSTRUCT_SAMPLER = "InstructSampler"
+COMFY_SAMPLER = "KSampler"
+
+
+@dataclass
+class ComfyBenchSettings:
+    server: str
+    checkpoint: str  # a file name in the server's models/checkpoints
+    size: int = 512
+    batch: int = 1
+    steps: int = 20
+    repeats: int = 3
+    cfg: float = 5.0
+    timeout: float = 1800.0
+    command: str = ""
+
+
+def write_random_checkpoint(path: Path, seed: int = 0) -> Path:
+    """An SD1.5-shaped single file with random weights (fp16): the same architecture and file format as a
+    real one, for timing without downloading anything."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .loading import BaseModel, export_single_file, load_tokenizer, shipped_config_dir
+
+    folder = shipped_config_dir("sd1", "epsilon")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder / "unet")))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(folder / "vae")))
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(str(folder / "text_encoder")))
+    base = BaseModel(unet=unet, vae=vae, text_encoders=[text_encoder], tokenizers=[load_tokenizer(folder / "tokenizer")],
+                     scheduler_config={}, prediction_type="epsilon", kind="sd1", source="random sd15")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return export_single_file(base, path, dtype="fp16")
+
+
+def comfyui_graph(settings: ComfyBenchSettings, seed: int) -> dict:
+    """CheckpointLoaderSimple -> CLIPTextEncode x2 -> KSampler -> VAEDecode -> PreviewImage."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": settings.checkpoint}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage",
+              "inputs": {"width": settings.size, "height": settings.size, "batch_size": settings.batch}},
+        "5": {"class_type": COMFY_SAMPLER,
+              "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+                         "seed": seed, "steps": settings.steps, "cfg": settings.cfg, "sampler_name": "euler",
+                         "scheduler": "karras", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+    }
+
+
+def instruct_graph(settings: ComfyBenchSettings, seed: int) -> dict:
+    """InstructImagenLoader -> InstructionBuilder (no contexts) -> MultiModalEncode -> InstructSampler -> preview.
+    With no contexts, text guidance alone: the same two rows per image per step as KSampler's CFG."""
+    return {
+        "1": {"class_type": "InstructImagenLoader",
+              "inputs": {"model": settings.checkpoint, "adapter": "none", "dtype": "auto"}},
+        "2": {"class_type": "InstructionBuilder", "inputs": {"instruction": PROMPT, "negative": ""}},
+        "3": {"class_type": "MultiModalEncode",
+              "inputs": {"model": ["1", 0], "instruction": ["2", 0], "context_width": 0, "context_height": 0,
+                         "resize_policy": "crop"}},
+        "4": {"class_type": INSTRUCT_SAMPLER,
+              "inputs": {"model": ["1", 0], "conditioning": ["3", 0], "seed": seed, "steps": settings.steps,
+                         "sampler": "euler", "schedule": "karras", "cfg_text": settings.cfg, "cfg_context": 1.0,
+                         "guidance": "dual", "width": settings.size, "height": settings.size,
+                         "batch_size": settings.batch, "denoise": 1.0}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}},
+    }
+
+
+def sampler_node(graph: dict, class_type: str) -> str:
+    return next(node for node, spec in graph.items() if spec["class_type"] == class_type)
+
+
+def step_intervals(events: list[tuple[float, dict]], node: str) -> list[float]:
+    """Seconds between successive progress events of `node` (one per step), from (arrival time, event) pairs.
+    The first step's interval is measured from the node's start, so it is left out: it includes setup."""
+    stamps = [t for t, event in events
+              if event.get("type") == "progress" and str((event.get("data") or {}).get("node")) == node]
+    return [later - earlier for earlier, later in zip(stamps, stamps[1:])]
+
+
+def node_seconds(events: list[tuple[float, dict]], node: str) -> float | None:
+    """From the node's `executing` event to the next `executing` event (the next node, or the end)."""
+    executing = [(t, str((event.get("data") or {}).get("node"))) for t, event in events
+                 if event.get("type") == "executing"]
+    for (start, name), (end, _) in zip(executing, executing[1:]):
+        if name == node:
+            return end - start
+    return None
+
+
+def timed_prompt(client: ComfyClient, graph: dict, timeout: float) -> list[tuple[float, dict]]:
+    """Queue `graph` and return every websocket event of its run with its arrival time."""
+    events = client.open_events(timeout)
+    stamped: list[tuple[float, dict]] = []
+    try:
+        prompt_id = client.queue(graph)
+        deadline = time.monotonic() + timeout
+        for event in events.messages():
+            data = event.get("data") or {}
+            if data.get("prompt_id") not in (None, prompt_id):
+                continue
+            stamped.append((time.perf_counter(), event))
+            kind = event.get("type")
+            if kind in ("execution_error", "execution_interrupted"):
+                raise ClientError(f"{kind}: node {data.get('node_id')} ({data.get('node_type')}): "
+                                  f"{data.get('exception_message', '').strip()}")
+            if kind == "execution_success" or (kind == "executing" and data.get("node") is None):
+                break
+            if time.monotonic() > deadline:
+                raise ClientError(f"timed out after {timeout:.0f} s")
+    finally:
+        events.close()
+    return stamped
+
+
+def run_once(client: ComfyClient, graph: dict, class_type: str, settings: ComfyBenchSettings
+             ) -> tuple[list[float], float | None]:
+    node = sampler_node(graph, class_type)
+    events = timed_prompt(client, graph, settings.timeout)
+    intervals = step_intervals(events, node)
+    if len(intervals) < settings.steps - 1:
+        raise ClientError(f"{class_type}: got {len(intervals) + 1} progress events for {settings.steps} steps")
+    return intervals, node_seconds(events, node)
+
+
+def summarize(class_type: str, steps: list[float], nodes: list[float | None]) -> dict:
+    timed_nodes = [n for n in nodes if n is not None]
+    return {"node": class_type, "step_ms_median": statistics.median(steps) * 1e3,
+            "step_ms_quartiles": [q * 1e3 for q in statistics.quantiles(steps, n=4)] if len(steps) > 1 else None,
+            "node_seconds_median": statistics.median(timed_nodes) if timed_nodes else float("nan"),
+            "steps_timed": len(steps)}
+
+
+def bench_comfyui(settings: ComfyBenchSettings, log: Callable[[str], None] = print) -> dict:
+    client = ComfyClient(settings.server)
+    stats = json.loads(client.request("/system_stats"))
+    log(f"ComfyUI {stats.get('system', {}).get('comfyui_version', '?')} at {client.base}: "
+        f"{', '.join(d.get('name', '?') for d in stats.get('devices', []))}")
+    graphs = ((COMFY_SAMPLER, comfyui_graph), (INSTRUCT_SAMPLER, instruct_graph))
+    steps = {name: [] for name, _ in graphs}
+    nodes = {name: [] for name, _ in graphs}
+    # One untimed round (loading, caches), then timed rounds with new seeds so that nothing is cached. The two
+    # samplers alternate, so a drift in the machine's speed affects both alike.
+    for repeat in range(settings.repeats + 1):
+        for class_type, build in graphs:
+            intervals, seconds = run_once(client, build(settings, seed=1000 + repeat), class_type, settings)
+            if repeat:
+                steps[class_type].extend(intervals)
+                nodes[class_type].append(seconds)
+            log(f"  {class_type} round {repeat}{' (warm-up)' if not repeat else ''}: "
+                f"median step {statistics.median(intervals) * 1e3:.1f} ms")
+    comfy = summarize(COMFY_SAMPLER, steps[COMFY_SAMPLER], nodes[COMFY_SAMPLER])
+    ours = summarize(INSTRUCT_SAMPLER, steps[INSTRUCT_SAMPLER], nodes[INSTRUCT_SAMPLER])
+    ratio = ours["step_ms_median"] / comfy["step_ms_median"]
+    return {"settings": asdict(settings), "system": stats, "comfyui": comfy, "instruct": ours,
+            "per_step_ratio": ratio,
+            "check": {"name": "InstructSampler K=0 per step vs KSampler", "value": round(ratio, 3),
+                      "target": "<= 1.05", "passed": ratio <= 1.05}}
+
+
+def format_comfyui_report(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"# ComfyUI KSampler vs InstructSampler (K = 0): {s['checkpoint']}, {s['size']}x{s['size']}, "
+             f"batch {s['batch']}, {s['steps']} steps, euler/karras, cfg {s['cfg']}, {s['repeats']} timed runs",
+             "", "| sampler | per step (median) | quartiles | node time (median) |", "|---|---|---|---|"]
+    for key in ("comfyui", "instruct"):
+        row = report[key]
+        quartiles = row["step_ms_quartiles"]
+        spread = f"{quartiles[0]:.1f} – {quartiles[2]:.1f} ms" if quartiles else "–"
+        lines.append(f"| {row['node']} | {row['step_ms_median']:.1f} ms | {spread} | "
+                     f"{row['node_seconds_median']:.2f} s |")
+    check = report["check"]
+    lines += ["", f"{check['name']}: {check['value']} (target {check['target']}: "
+                  f"{'met' if check['passed'] else 'not met'})"]
+    if s.get("command"):
+        lines += ["", f"Command: `{s['command']}`"]
+    return "\n".join(lines)
