@@ -267,6 +267,7 @@ class _GroupTask(Task):
     """Target and references drawn from one `ItemGroup` (items sharing an `extra` label)."""
 
     label_key: str = ""
+    most_references: int = 1
 
     def units(self, items):
         groups: dict[str, list[ImageTextItem]] = {}
@@ -282,6 +283,21 @@ class _GroupTask(Task):
                 units.append(ItemGroup(label=label, name=name, items=tuple(members)))
         return units
 
+    def marker_words(self, name: str) -> str:
+        """What a reference's marker text says besides [ref#k]."""
+        return name
+
+    def build(self, unit, rng, phrasings="train"):
+        """A target and references of its group, each a context of the task's modality."""
+        target, references = self.draw(unit, rng, self.most_references)
+        contexts = [
+            Context(id=k, modality=self.modalities[0], text=f"[ref#{k}] {self.marker_words(unit.name)}",
+                    image=item.load())
+            for k, item in enumerate(references, start=1)
+        ]
+        text = self.phrase(rng, phrasings, refs=_join_markers(contexts), name=unit.name, caption=_caption(target))
+        return self.example(text, contexts, target.load())
+
     def draw(self, group: ItemGroup, rng, most_references: int) -> tuple[ImageTextItem, list[ImageTextItem]]:
         """A target and 1..most_references other items of the group, all distinct."""
         count = int(rng.integers(1, min(most_references, len(group.items) - 1) + 1))
@@ -293,6 +309,7 @@ class SubjectGeneration(_GroupTask):
     name = "subject"
     label_key = "subject"
     modalities = ("subject",)
+    most_references = 3
     requirement = 'at least two captioned items sharing an extra["subject"] label'
     templates = (
         "Generate an image of {refs}: {caption}",
@@ -301,21 +318,12 @@ class SubjectGeneration(_GroupTask):
         "Using {refs} as reference for the {name}, render: {caption}",
     )
 
-    def build(self, unit, rng, phrasings="train"):
-        target, references = self.draw(unit, rng, 3)
-        contexts = [
-            Context(id=k, modality="subject", text=f"[ref#{k}] {unit.name}", image=item.load())
-            for k, item in enumerate(references, start=1)
-        ]
-        refs = _join_markers(contexts)
-        text = self.phrase(rng, phrasings, refs=refs, name=unit.name, caption=_caption(target))
-        return self.example(text, contexts, target.load())
-
 
 class StyledGeneration(_GroupTask):
     name = "styled_generation"
     label_key = "style"
     modalities = ("style",)
+    most_references = 2
     requirement = 'at least two captioned items sharing an extra["style"] label'
     templates = (
         "Generate an image in the style of {refs}: {caption}",
@@ -324,14 +332,8 @@ class StyledGeneration(_GroupTask):
         "Borrow the look of {refs} for this image: {caption}",
     )
 
-    def build(self, unit, rng, phrasings="train"):
-        target, references = self.draw(unit, rng, 2)
-        contexts = [
-            Context(id=k, modality="style", text=f"[ref#{k}] {_style_words(unit.name)}", image=item.load())
-            for k, item in enumerate(references, start=1)
-        ]
-        text = self.phrase(rng, phrasings, refs=_join_markers(contexts), caption=_caption(target))
-        return self.example(text, contexts, target.load())
+    def marker_words(self, name: str) -> str:
+        return _style_words(name)
 
 
 class StyleTransfer(_GroupTask):
