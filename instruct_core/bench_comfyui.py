@@ -48,9 +48,10 @@ def write_random_checkpoint(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder / "unet")))
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(folder / "vae")))
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(str(folder / "text_encoder")))
-    base = BaseModel(unet=unet, vae=vae, text_encoders=[text_encoder], tokenizers=[load_tokenizer(folder / "tokenizer")],
-                     scheduler_config={}, prediction_type="epsilon", kind="sd1", source="random sd15")
+    text_config = CLIPTextConfig.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
+    base = BaseModel(unet=unet, vae=vae, text_encoders=[CLIPTextModel(text_config)],
+                     tokenizers=[load_tokenizer(folder / "tokenizer")], scheduler_config={},
+                     prediction_type="epsilon", kind="sd1", source="random sd15")
     path.parent.mkdir(parents=True, exist_ok=True)
     return export_single_file(base, path, dtype="fp16")
 
