@@ -259,6 +259,7 @@ def run_build_default(args) -> int:
     recipe = copy.deepcopy(RECIPE)
     for phase in ("pretrain", "stage1", "stage2"):
         recipe[phase]["steps"] = max(1, round(recipe[phase]["steps"] * args.scale))
+    recipe["single_task_steps"] = max(1, round(recipe["single_task_steps"] * args.scale))
     from .default_model import build_ablations, build_evaluator
 
     folder = Path(args.out) if args.out else DEFAULT_DIR
