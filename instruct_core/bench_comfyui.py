@@ -37,7 +37,9 @@ class ComfyBenchSettings:
 
 def write_random_checkpoint(path: Path, seed: int = 0) -> Path:
     """An SD1.5-shaped single file with random weights (fp16): the same architecture and file format as a
-    real one, for timing without downloading anything."""
+    real one, for timing without downloading anything. Never replaces an existing file."""
+    if path.exists():
+        raise FileExistsError(f"{path} exists; the random checkpoint is written only under a new name")
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -77,19 +79,25 @@ def instruct_graph(settings: ComfyBenchSettings, seed: int) -> dict:
     """InstructImagenLoader -> InstructionBuilder (no contexts) -> MultiModalEncode -> InstructSampler -> preview.
     With no contexts, text guidance alone: the same two rows per image per step as KSampler's CFG."""
     return {
-        "1": {"class_type": "InstructImagenLoader",
-              "inputs": {"model": settings.checkpoint, "adapter": "none", "dtype": "auto"}},
-        "2": {"class_type": "InstructionBuilder", "inputs": {"instruction": PROMPT, "negative": ""}},
-        "3": {"class_type": "MultiModalEncode",
-              "inputs": {"model": ["1", 0], "instruction": ["2", 0], "context_width": 0, "context_height": 0,
-                         "resize_policy": "crop"}},
-        "4": {"class_type": INSTRUCT_SAMPLER,
-              "inputs": {"model": ["1", 0], "conditioning": ["3", 0], "seed": seed, "steps": settings.steps,
-                         "sampler": "euler", "schedule": "karras", "cfg_text": settings.cfg, "cfg_context": 1.0,
-                         "guidance": "dual", "width": settings.size, "height": settings.size,
-                         "batch_size": settings.batch, "denoise": 1.0}},
-        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}},
+        "11": {"class_type": "InstructImagenLoader",
+               "inputs": {"model": settings.checkpoint, "adapter": "none", "dtype": "auto"}},
+        "12": {"class_type": "InstructionBuilder", "inputs": {"instruction": PROMPT, "negative": ""}},
+        "13": {"class_type": "MultiModalEncode",
+               "inputs": {"model": ["11", 0], "instruction": ["12", 0], "context_width": 0, "context_height": 0,
+                          "resize_policy": "crop"}},
+        "14": {"class_type": INSTRUCT_SAMPLER,
+               "inputs": {"model": ["11", 0], "conditioning": ["13", 0], "seed": seed, "steps": settings.steps,
+                          "sampler": "euler", "schedule": "karras", "cfg_text": settings.cfg,
+                          "cfg_context": 1.0, "guidance": "dual", "width": settings.size,
+                          "height": settings.size, "batch_size": settings.batch, "denoise": 1.0}},
+        "15": {"class_type": "PreviewImage", "inputs": {"images": ["14", 1]}},
     }
+
+
+def round_graph(settings: ComfyBenchSettings, seed: int) -> dict:
+    """Both chains in one prompt (distinct node ids): from one round to the next only the seeds change, so
+    ComfyUI's cache keeps both loaders' outputs and no round reloads a model."""
+    return {**comfyui_graph(settings, seed), **instruct_graph(settings, seed)}
 
 
 def sampler_node(graph: dict, class_type: str) -> str:
@@ -139,16 +147,6 @@ def timed_prompt(client: ComfyClient, graph: dict, timeout: float) -> list[tuple
     return stamped
 
 
-def run_once(client: ComfyClient, graph: dict, class_type: str, settings: ComfyBenchSettings
-             ) -> tuple[list[float], float | None]:
-    node = sampler_node(graph, class_type)
-    events = timed_prompt(client, graph, settings.timeout)
-    intervals = step_intervals(events, node)
-    if len(intervals) < settings.steps - 1:
-        raise ClientError(f"{class_type}: got {len(intervals) + 1} progress events for {settings.steps} steps")
-    return intervals, node_seconds(events, node)
-
-
 def summarize(class_type: str, steps: list[float], nodes: list[float | None]) -> dict:
     timed_nodes = [n for n in nodes if n is not None]
     return {"node": class_type, "step_ms_median": statistics.median(steps) * 1e3,
@@ -157,22 +155,33 @@ def summarize(class_type: str, steps: list[float], nodes: list[float | None]) ->
             "steps_timed": len(steps)}
 
 
+def server_stats(server: str) -> dict:
+    """The server's /system_stats; raises ClientError when it cannot be reached."""
+    return json.loads(ComfyClient(server).request("/system_stats"))
+
+
 def bench_comfyui(settings: ComfyBenchSettings, log: Callable[[str], None] = print) -> dict:
     client = ComfyClient(settings.server)
-    stats = json.loads(client.request("/system_stats"))
+    stats = server_stats(settings.server)
     log(f"ComfyUI {stats.get('system', {}).get('comfyui_version', '?')} at {client.base}: "
         f"{', '.join(d.get('name', '?') for d in stats.get('devices', []))}")
-    graphs = ((COMFY_SAMPLER, comfyui_graph), (INSTRUCT_SAMPLER, instruct_graph))
-    steps = {name: [] for name, _ in graphs}
-    nodes = {name: [] for name, _ in graphs}
-    # One untimed round (loading, caches), then timed rounds with new seeds so that nothing is cached. The two
-    # samplers alternate, so a drift in the machine's speed affects both alike.
+    samplers = (COMFY_SAMPLER, INSTRUCT_SAMPLER)
+    steps = {name: [] for name in samplers}
+    nodes = {name: [] for name in samplers}
+    # One untimed round (loading, first calls), then timed rounds with new seeds. Each round runs both
+    # samplers, so a drift in the machine's speed affects both alike.
     for repeat in range(settings.repeats + 1):
-        for class_type, build in graphs:
-            intervals, seconds = run_once(client, build(settings, seed=1000 + repeat), class_type, settings)
+        graph = round_graph(settings, seed=1000 + repeat)
+        events = timed_prompt(client, graph, settings.timeout)
+        for class_type in samplers:
+            node = sampler_node(graph, class_type)
+            intervals = step_intervals(events, node)
+            if len(intervals) < settings.steps - 1:
+                raise ClientError(f"{class_type}: got {len(intervals) + 1} progress events for "
+                                  f"{settings.steps} steps")
             if repeat:
                 steps[class_type].extend(intervals)
-                nodes[class_type].append(seconds)
+                nodes[class_type].append(node_seconds(events, node))
             log(f"  {class_type} round {repeat}{' (warm-up)' if not repeat else ''}: "
                 f"median step {statistics.median(intervals) * 1e3:.1f} ms")
     comfy = summarize(COMFY_SAMPLER, steps[COMFY_SAMPLER], nodes[COMFY_SAMPLER])

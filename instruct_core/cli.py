@@ -364,21 +364,26 @@ def run_bench_comfyui(args) -> int:
     for flag, value, least in (("--steps", args.steps, 2), ("--repeats", args.repeats, 1), ("--batch", args.batch, 1),
                                ("--size", args.size, 64)):
         _at_least(flag, value, least)
-    if args.size % 8:
-        raise UsageError(f"--size: {args.size} must be a multiple of 8")
-    if not math.isfinite(args.cfg) or args.cfg < 0:
-        raise UsageError(f"--cfg: {args.cfg} must be a finite number >= 0")
-    if Path(args.checkpoint).name != args.checkpoint:
-        raise UsageError(f"--checkpoint: {args.checkpoint!r} must be a file name, as the server lists it")
+    if args.size % 64:  # SD1.5 and SDXL UNets halve the latent three times
+        raise UsageError(f"--size: {args.size} must be a multiple of 64")
+    if not (math.isfinite(args.cfg) and 0 <= args.cfg <= 30):  # InstructSampler's cfg_text range
+        raise UsageError(f"--cfg: {args.cfg} must be a number from 0 to 30")
+    name = Path(args.checkpoint)
+    if name.is_absolute() or ".." in name.parts or not name.name:
+        raise UsageError(f"--checkpoint: {args.checkpoint!r} must be a name the server lists, inside its "
+                         f"checkpoints folder")
     log = lambda line: print(line, file=sys.stderr, flush=True)
-    if args.write_random_checkpoint:
-        path = Path(args.write_random_checkpoint) / args.checkpoint
-        log(f"writing a random SD1.5-shaped checkpoint to {path}")
-        bench_comfyui.write_random_checkpoint(path)
     settings = bench_comfyui.ComfyBenchSettings(
         server=args.server, checkpoint=args.checkpoint, size=args.size, batch=args.batch, steps=args.steps,
         repeats=args.repeats, cfg=args.cfg, command=_bench_command())
     try:
+        if args.write_random_checkpoint:
+            path = Path(args.write_random_checkpoint) / name
+            if path.exists():
+                raise UsageError(f"--write-random-checkpoint: {path} exists; choose a new --checkpoint name")
+            bench_comfyui.server_stats(args.server)  # reachable, before minutes of writing
+            log(f"writing a random SD1.5-shaped checkpoint to {path}")
+            bench_comfyui.write_random_checkpoint(path)
         report = bench_comfyui.bench_comfyui(settings, log)
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -53,7 +53,7 @@ class ModelHandle:
                 offload_device=comfy.model_management.unet_offload_device())
             name = self.name  # not self: the patcher must not keep its handle alive
             self.patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH,
-                                      lambda patcher, unpatch_all: _offloaded(name))
+                                      lambda patcher, unpatch_all: unpatch_all and _offloaded(name))
 
     @property
     def key(self) -> str:
@@ -65,7 +65,23 @@ class ModelHandle:
         ComfyUI streams weights in low-VRAM mode through its own layer classes, which these modules are not."""
         comfy.model_management.load_models_gpu([self.patcher], memory_required=memory_required,
                                                force_full_load=True)
+        device = torch.device(self.patcher.load_device)
+        if self.pipe.device != device:
+            # --novram loads no weights even on a full load (ComfyUI would stream them through its own
+            # layers); these modules must be on the device whole, so move them and record it.
+            weights = self.patcher.model
+            weights.to(device)
+            weights.device = device
+            weights.model_loaded_weight_memory = self.patcher.model_size()
         return self.pipe
+
+
+def sampling_memory(pipe, batch: int, width: int, height: int, rows_per_image: int) -> float:
+    """Bytes to keep free for one sampler step's activations, by ComfyUI's own rule for SD models
+    (BaseModel.memory_required: 0.01 MiB per latent position per byte of dtype)."""
+    factor = pipe.spatial_factor
+    positions = rows_per_image * batch * (height // factor) * (width // factor)
+    return positions * pipe.dtype.itemsize * 0.01 * 2**20
 
 
 @dataclass

@@ -22,6 +22,7 @@ from .common import (
     comfy_to_images,
     images_to_comfy,
     node_errors,
+    sampling_memory,
 )
 
 MAX_SIZE = 4096
@@ -103,9 +104,10 @@ class InstructSampler(io.ComfyNode):
         if conditioning.model_key != model.key:
             raise ValueError("conditioning: it was encoded by another model; connect the same model to "
                              "MultiModalEncode and InstructSampler")
-        pipe = model.on_compute_device()
+        pipe = model.pipe
         init = mask = None
         if latent is not None:
+            model.on_compute_device()  # the latent is decoded through the model's VAE
             init = latent_to_images(pipe, latent["samples"])
             if latent.get("noise_mask") is not None:  # SetLatentNoiseMask, VAEEncodeForInpaint
                 mask = noise_mask_for(latent["noise_mask"], init.shape[-2:])
@@ -115,6 +117,8 @@ class InstructSampler(io.ComfyNode):
             height, width = init.shape[-2:]
             batch_size = max(batch_size, init.shape[0]) if init.shape[0] == 1 else init.shape[0]
         width, height = width or pipe.native_size, height or pipe.native_size
+        rows = 3 if conditioning.cond.has_contexts else 2  # at most, the guidance branches of one UNet call
+        pipe = model.on_compute_device(sampling_memory(pipe, batch_size, width, height, rows))
         progress = comfy.utils.ProgressBar(steps)
         with node_errors():
             result = pipe.sample(

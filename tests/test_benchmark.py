@@ -123,7 +123,9 @@ COMFY = ["--server", "http://127.0.0.1:1", "--checkpoint", "x.safetensors"]
     (["train", "--batch", "0"], "--batch"),
     (["comfyui", *COMFY, "--steps", "1"], "--steps"),
     (["comfyui", *COMFY, "--size", "100"], "--size"),
+    (["comfyui", *COMFY, "--size", "200"], "--size"),
     (["comfyui", *COMFY, "--cfg", "nan"], "--cfg"),
+    (["comfyui", *COMFY, "--cfg", "40"], "--cfg"),
     (["comfyui", "--server", "http://127.0.0.1:1", "--checkpoint", "../x.safetensors"], "--checkpoint"),
     (["comfyui", "--server", "ftp://host", "--checkpoint", "x.safetensors"], "--server"),
 ])
@@ -158,13 +160,37 @@ def test_comfyui_bench_times_steps_from_progress_events():
 def test_comfyui_bench_graphs_sample_alike():
     settings = bench_comfyui.ComfyBenchSettings(server="http://x", checkpoint="m.safetensors", size=256, batch=2,
                                                 steps=7, cfg=4.5)
-    comfy = bench_comfyui.comfyui_graph(settings, seed=3)["5"]["inputs"]
-    ours = bench_comfyui.instruct_graph(settings, seed=3)["4"]["inputs"]
+    graph = bench_comfyui.round_graph(settings, seed=3)
+    comfy = graph[bench_comfyui.sampler_node(graph, "KSampler")]["inputs"]
+    ours = graph[bench_comfyui.sampler_node(graph, "InstructSampler")]["inputs"]
     assert (comfy["steps"], comfy["cfg"], comfy["sampler_name"], comfy["scheduler"], comfy["seed"]) == \
         (ours["steps"], ours["cfg_text"], ours["sampler"], ours["schedule"], ours["seed"])
     assert ours["cfg_context"] == 1.0  # no contexts: text guidance alone, two rows per image like KSampler
+    # both chains in one prompt, each wired to its own nodes
+    assert len(graph) == len(bench_comfyui.comfyui_graph(settings, 3)) + len(bench_comfyui.instruct_graph(settings, 3))
+    for spec in graph.values():
+        for value in spec["inputs"].values():
+            assert not isinstance(value, list) or value[0] in graph
+
+
+def test_the_random_checkpoint_never_replaces_a_file(tmp_path, capsys):
+    existing = tmp_path / "real.safetensors"
+    existing.write_bytes(b"a real model")
+    code = main(["bench", "comfyui", "--server", "http://127.0.0.1:1", "--checkpoint", "real.safetensors",
+                 "--write-random-checkpoint", str(tmp_path)])
+    assert code == 2 and "exists" in capsys.readouterr().err
+    assert existing.read_bytes() == b"a real model"
+    with pytest.raises(FileExistsError):
+        bench_comfyui.write_random_checkpoint(existing)
+    assert existing.read_bytes() == b"a real model"
+    # the server is asked first: an unreachable one costs no gigabytes of writing
+    assert main(["bench", "comfyui", "--server", "http://127.0.0.1:1", "--checkpoint", "new.safetensors",
+                 "--write-random-checkpoint", str(tmp_path)]) == 1
+    assert not (tmp_path / "new.safetensors").exists()
 
 
 def test_comfyui_bench_says_when_the_server_is_unreachable(capsys):
     assert main(["bench", "comfyui", *COMFY]) == 1
     assert "cannot reach http://127.0.0.1:1" in capsys.readouterr().err
+    # a checkpoint in a subfolder is a name the server lists; nothing is written for an unreachable server
+    assert main(["bench", "comfyui", "--server", "http://127.0.0.1:1", "--checkpoint", "sd/m.safetensors"]) == 1

@@ -186,6 +186,36 @@ def test_the_model_is_placed_through_comfyui_model_management(model, caplog):
     assert comfy.model_management.current_loaded_models[0] is model.patcher  # loaded again to sample
 
 
+def test_unload_without_unpatching_is_not_logged_as_offloaded(model, caplog):
+    with caplog.at_level("INFO"):
+        model.patcher.detach(unpatch_all=False)  # what a patcher's finalizer does; nothing is offloaded
+    assert "offloaded" not in caplog.text
+
+
+def test_the_sampler_asks_room_for_its_activations(model, monkeypatch):
+    asked = []
+    load = comfy.model_management.load_models_gpu
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu",
+                        lambda models, memory_required=0, **kw: asked.append(memory_required) or load(models, **kw))
+    cond = N["MultiModalEncode"].execute(model, build("a cat"), 0, 0, "crop")[0]
+    sample(model, cond, batch_size=1)
+    sample(model, cond, batch_size=4)
+    assert asked[0] == 0 and asked[1] > 0 and asked[2] == pytest.approx(4 * asked[1])  # encode, then samples
+
+
+def test_weights_left_off_the_device_are_moved_there(monkeypatch):
+    """--novram loads none of a model's weights on a full load; these modules cannot be streamed, so the
+    handle moves them itself and records the load."""
+    from instruct_core.models import load_pipeline
+
+    handle = pack.nodes.common.ModelHandle(load_pipeline("tiny", device="cpu", dtype="fp32"), "tiny")
+    handle.patcher.load_device = torch.device("meta")
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu", lambda models, **kw: None)
+    pipe = handle.on_compute_device()
+    assert pipe.device == torch.device("meta") and pipe.base.text_encoders[0].device == torch.device("meta")
+    assert handle.patcher.model.model_loaded_weight_memory == handle.patcher.model_size()
+
+
 def test_encode_once_and_sample_many(model, monkeypatch):
     calls = []
     original = model.pipe.encode_instruction

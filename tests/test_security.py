@@ -916,7 +916,8 @@ def test_running_out_of_memory_ends_with_a_message_and_the_last_checkpoint(tmp_p
     if resource is None or not os.path.exists("/proc/self/status"):
         pytest.skip("needs POSIX address-space limits")
     child = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY_RUN, str(REPO / "tests"), str(tmp_path)],
-                           capture_output=True, text=True, timeout=600, cwd=REPO)
+                           capture_output=True, text=True, timeout=600, cwd=REPO,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # no thread pool to grow under the ceiling
     assert child.returncode == 0, child.stderr[-4000:]
     outcome = json.loads(child.stdout.strip().splitlines()[-1])
     message = outcome["message"]

@@ -21,8 +21,9 @@ class ModelPatcher:
         return [c for callbacks in self.callbacks.get(call_type, {}).values() for c in callbacks]
 
     def detach(self, unpatch_all=True):
-        self.model.to(self.offload_device)
-        self.model.device = self.offload_device
+        if unpatch_all:  # ComfyUI moves the weights only when it unpatches them
+            self.model.to(self.offload_device)
+            self.model.device = self.offload_device
         for callback in self.get_all_callbacks(CallbacksMP.ON_DETACH):
             callback(self, unpatch_all)
         return self.model
