@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .client import ClientError, ComfyClient
+from .client import ClientError, ComfyClient, describe_failure
 
 PROMPT = "a red cube on a wooden table"
 INSTRUCT_SAMPLER = "InstructSampler"
@@ -136,8 +136,7 @@ def timed_prompt(client: ComfyClient, graph: dict, timeout: float) -> list[tuple
             stamped.append((time.perf_counter(), event))
             kind = event.get("type")
             if kind in ("execution_error", "execution_interrupted"):
-                raise ClientError(f"{kind}: node {data.get('node_id')} ({data.get('node_type')}): "
-                                  f"{data.get('exception_message', '').strip()}")
+                raise ClientError(describe_failure(kind, data))
             if kind == "execution_success" or (kind == "executing" and data.get("node") is None):
                 break
             if time.monotonic() > deadline:
@@ -155,14 +154,14 @@ def summarize(class_type: str, steps: list[float], nodes: list[float | None]) ->
             "steps_timed": len(steps)}
 
 
-def server_stats(server: str) -> dict:
+def server_stats(client: ComfyClient) -> dict:
     """The server's /system_stats; raises ClientError when it cannot be reached."""
-    return json.loads(ComfyClient(server).request("/system_stats"))
+    return json.loads(client.request("/system_stats"))
 
 
 def bench_comfyui(settings: ComfyBenchSettings, log: Callable[[str], None] = print) -> dict:
     client = ComfyClient(settings.server)
-    stats = server_stats(settings.server)
+    stats = server_stats(client)
     log(f"ComfyUI {stats.get('system', {}).get('comfyui_version', '?')} at {client.base}: "
         f"{', '.join(d.get('name', '?') for d in stats.get('devices', []))}")
     samplers = (COMFY_SAMPLER, INSTRUCT_SAMPLER)

@@ -359,7 +359,7 @@ def run_bench(args) -> int:
 def run_bench_comfyui(args) -> int:
     from . import bench_comfyui
     from .benchmark import write_json
-    from .client import ClientError
+    from .client import ClientError, ComfyClient
 
     for flag, value, least in (("--steps", args.steps, 2), ("--repeats", args.repeats, 1), ("--batch", args.batch, 1),
                                ("--size", args.size, 64)):
@@ -381,7 +381,7 @@ def run_bench_comfyui(args) -> int:
             path = Path(args.write_random_checkpoint) / name
             if path.exists():
                 raise UsageError(f"--write-random-checkpoint: {path} exists; choose a new --checkpoint name")
-            bench_comfyui.server_stats(args.server)  # reachable, before minutes of writing
+            bench_comfyui.server_stats(ComfyClient(args.server))  # reachable, before minutes of writing
             log(f"writing a random SD1.5-shaped checkpoint to {path}")
             bench_comfyui.write_random_checkpoint(path)
         report = bench_comfyui.bench_comfyui(settings, log)
