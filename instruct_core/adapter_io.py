@@ -21,6 +21,7 @@ MAX_NUM_FREQS = 32          # Fourier position features; float32 positions carry
 MAX_MODALITIES = 256
 MAX_CONTEXTS_LIMIT = 1024
 MAX_ENCODE_TIMESTEP = 9999  # training schedules have 1000 steps
+MAX_HEAD_DIM = 4096
 
 
 class AdapterError(ValueError):
@@ -166,6 +167,8 @@ def _adapter_config(path: Path, metadata: dict) -> ContextAdapterConfig:
         (_is_int(config.max_contexts, 1, MAX_CONTEXTS_LIMIT), "max_contexts", f"an integer in 1..{MAX_CONTEXTS_LIMIT}"),
         (_is_int(config.encode_timestep, 0, MAX_ENCODE_TIMESTEP), "encode_timestep",
          f"an integer in 0..{MAX_ENCODE_TIMESTEP}"),
+        (config.head_dim is None or _is_int(config.head_dim, 1, MAX_HEAD_DIM), "head_dim",
+         f"null or an integer in 1..{MAX_HEAD_DIM}"),
         (1 <= len(config.modalities) <= MAX_MODALITIES and all(isinstance(m, str) for m in config.modalities),
          "modalities", f"a list of 1..{MAX_MODALITIES} names"),
     ]

@@ -34,6 +34,33 @@ def fourier_positions(height: int, width: int, num_freqs: int, device, dtype) ->
     return torch.cat([angles.sin(), angles.cos()], dim=-1).reshape(grid.shape[0], -1).to(dtype)
 
 
+# Peak logit of a query on the context token at its own place, before training: sharp enough that an
+# untrained layer reads mostly the co-located token, as the control tasks need.
+ALIGNED_POSITION_GAIN = 3.0
+
+
+@torch.no_grad()
+def aligned_position_init(weight: torch.Tensor, heads: int, gain: float = ALIGNED_POSITION_GAIN) -> None:
+    """Start a (inner_dim, pos_dim) position projection as a scaled identity in every head.
+
+    With the same start for queries and keys, the positional part of each head's logit is
+    gain^2 * sum(cos(freq * (p - p'))), largest where the query's place p equals the key's p'. Spatial
+    controls (edges, masks, depth) are then read where they apply from the first step instead of after
+    the layer has discovered alignment from random projections.
+    """
+    inner_dim, pos_dim = weight.shape
+    head_dim = inner_dim // heads
+    num_freqs = pos_dim // 4
+    # Features are laid out [y sin, y cos, x sin, x cos] x num_freqs; a head narrower than pos_dim keeps the
+    # lowest frequencies of both axes, which still single out one place.
+    by_frequency = torch.tensor([part * num_freqs + f for f in range(num_freqs) for part in range(4)])
+    shared = min(head_dim, pos_dim)
+    weight.zero_()
+    for head in range(heads):
+        rows = torch.arange(shared) + head * head_dim
+        weight[rows, by_frequency[:shared]] = gain
+
+
 class ContextAttention(nn.Module):
     """The parameters of one context cross-attention layer (owned by the adapter, not the UNet)."""
 
@@ -48,6 +75,8 @@ class ContextAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.pos_q = nn.Linear(pos_dim, inner_dim, bias=False)
         self.pos_k = nn.Linear(pos_dim, inner_dim, bias=False)
+        aligned_position_init(self.pos_q.weight, heads)
+        aligned_position_init(self.pos_k.weight, heads)
         self.null_key = nn.Parameter(torch.zeros(inner_dim))
         # No bias: with a zero value for the null token, "no context" must add exactly nothing.
         self.to_out = nn.Linear(inner_dim, out_dim, bias=False)

@@ -56,6 +56,10 @@ class ContextAdapterConfig:
     max_contexts: int = 8
     num_freqs: int = 8
     encode_timestep: int = 0
+    # Width of each context-attention head; None takes the heads of the base layer it sits beside. A base
+    # whose heads are very narrow (diffusers reads `attention_head_dim` as a head count) needs wider ones:
+    # a 2-wide head cannot match positions.
+    head_dim: int | None = None
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -124,10 +128,14 @@ class ContextAdapter(nn.Module):
                 continue
             attn = attn_modules[name[: -len(".processor")]]
             key = name.replace(".", "_")
+            inner_dim = attn.to_q.out_features
+            if config.head_dim is not None and inner_dim % config.head_dim:
+                raise ValueError(f"head_dim: {config.head_dim} does not divide {name}'s width {inner_dim}")
+            heads = attn.heads if config.head_dim is None else inner_dim // config.head_dim
             self.layers[key] = ContextAttention(
                 query_dim=attn.to_q.in_features, context_dim=level_channels(unet, level),
-                inner_dim=attn.to_q.out_features, out_dim=attn.to_out[0].out_features,
-                heads=attn.heads, num_freqs=config.num_freqs,
+                inner_dim=inner_dim, out_dim=attn.to_out[0].out_features,
+                heads=heads, num_freqs=config.num_freqs,
             )
             with torch.no_grad():
                 self.layers[key].to_q.weight.copy_(attn.to_q.weight)

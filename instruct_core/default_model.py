@@ -34,13 +34,16 @@ ARCHITECTURE = {
                   "prediction_type": "v_prediction"},
 }
 
+# The adapter's own settings; its context heads are 32 wide, where the base's are 2-3 wide.
+ADAPTER = {"head_dim": 32}
+
 # About 90 minutes on one core of a 2-core CPU (pretraining 21, stage 1 9, stage 2 about 55): a small UNet
 # seeing many images learns these scenes faster than a wide one seeing few.
 RECIPE = {
     "seed": 0,
-    "pretrain": {"steps": 1500, "batch_size": 16, "lr": 6e-4, "warmup_steps": 100},
+    "pretrain": {"steps": 5100, "batch_size": 16, "lr": 6e-4, "warmup_steps": 100},
     "stage1": {"steps": 200, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "items": 2000},
-    "stage2": {"steps": 2400, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20},
+    "stage2": {"steps": 2000, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20},
     "single_task_steps": 200,  # the single-task ablations' adapter budget
 }
 
@@ -129,7 +132,7 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
           phases: tuple[str, ...] = ("pretrain", "stage1", "stage2"), progress=None, log=print) -> dict:
     """Train the default model from scratch and save it; returns what was measured."""
     from .bench_tasks import BENCH_MIX, BenchmarkTaskDataset, stage1_items
-    from .context_unet import ContextAugmentedUNet
+    from .context_unet import ContextAdapterConfig, ContextAugmentedUNet
     from .pipeline import InstructImagen
     from .retrieval import ModelEmbedder, RetrievalExamples, build_index, form_clusters
     from .training import Trainer
@@ -137,7 +140,7 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
     seed = recipe["seed"]
     if "pretrain" in phases:
         base = build_default_base(seed)
-        pipe = InstructImagen(base, ContextAugmentedUNet(base.unet))
+        pipe = InstructImagen(base, ContextAugmentedUNet(base.unet, ContextAdapterConfig(**ADAPTER)))
         measured: dict = {"recipe": recipe, "phases": {}}
     else:  # later phases continue from the saved model (its pretrained base and adapter)
         pipe = load_default(device="cpu", folder=folder)
@@ -146,7 +149,6 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
     size = ARCHITECTURE["unet"]["sample_size"]
     for phase in phases:
         settings = recipe[phase]
-        started = time.perf_counter()
         if phase == "pretrain":
             dataset = BenchmarkTaskDataset({"text_to_image": 1.0}, length=100_000, seed=seed, size=size)
             train_base = "full"
@@ -162,6 +164,7 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
             train_base = "adapter"
         config = _trainer_config(settings, work_dir / phase, seed, train_base)
         trainer = Trainer(config, pipe, dataset, progress=progress)
+        claim_work_dir(trainer.checkpoint_dir, run_identity(phase, settings, seed, pipe, train_base))
         probe = probe_examples(dataset)
         before = trainer.held_out_loss(probe)
         result = trainer.run(resume=True)  # an interrupted build goes on
@@ -169,7 +172,8 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
         pipe.model.eval()
         losses = result.losses
         measured["phases"][phase] = {
-            "steps": result.step, "seconds": round(time.perf_counter() - started, 1),
+            # training time summed over every run that led here, so a resumed phase reports its whole cost
+            "steps": result.step, "seconds": round(result.report["train_seconds"], 1),
             "loss_first_50": round(sum(losses[:50]) / max(1, len(losses[:50])), 5),
             "loss_last_50": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 5),
             "probe_loss_before": round(before, 5), "probe_loss_after": round(trainer.held_out_loss(probe), 5),
@@ -177,6 +181,48 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
         log(f"{phase}: {measured['phases'][phase]}")
         save_default(pipe, folder, {"build": measured})
     return measured
+
+
+RUN_RECORD = "run.json"
+
+
+def run_identity(name: str, settings: dict, seed: int, pipe, train_base: str) -> dict:
+    """What decides a phase's run, its length aside: a longer run of the same identity continues it. Phases
+    that train only the adapter also name the base they build on, so a rebuilt base makes their
+    checkpoints stale (their adapter's start is seeded, or the seeded outcome of the phase before)."""
+    import hashlib
+
+    adapter = pipe.model.adapter
+    identity = {"phase": name, "seed": seed, "settings": {k: v for k, v in settings.items() if k != "steps"},
+                "architecture": ARCHITECTURE, "adapter": dict(adapter.config.to_dict(), levels=list(adapter.levels))}
+    if train_base == "adapter":
+        digest = hashlib.sha256()
+        for key, value in sorted(pipe.base.unet.state_dict().items()):
+            digest.update(key.encode())
+            # rounded as the saved model stores it, so a build restarted from its folder matches
+            digest.update(value.detach().cpu().to(torch.float16).contiguous().numpy().tobytes())
+        identity["base_sha256"] = digest.hexdigest()
+    return identity
+
+
+def claim_work_dir(checkpoint_dir: Path, identity: dict) -> None:
+    """Refuse to continue checkpoints that another run left in a work folder (a build resumes whatever it
+    finds there); record this run's identity for the next resume."""
+    from .checkpointing import list_checkpoints
+    from .training import TrainingError
+
+    record = checkpoint_dir.parent / RUN_RECORD
+    if list_checkpoints(checkpoint_dir):
+        if not record.is_file():
+            raise TrainingError(f"{checkpoint_dir.parent}: holds checkpoints of an unrecorded run; remove the folder "
+                                f"or choose another work folder")
+        stored = json.loads(record.read_text())
+        differs = sorted(k for k in identity.keys() | stored.keys() if identity.get(k) != stored.get(k))
+        if differs:
+            raise TrainingError(f"{checkpoint_dir.parent}: holds checkpoints of a run with other "
+                                f"{', '.join(differs)}; remove the folder or choose another work folder")
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(identity, indent=2, sort_keys=True))
 
 
 PROBE_SIZE = 128
@@ -230,12 +276,13 @@ def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subje
             mix = {variant.split(":", 1)[1]: 1.0}
             settings["steps"] = recipe["single_task_steps"]
         dataset = BenchmarkTaskDataset(mix, length=100_000, seed=recipe["seed"] + 1, size=size)
-        started = time.perf_counter()
-        result = Trainer(_trainer_config(settings, work_dir / variant.replace(":", "_"), recipe["seed"], "adapter"),
-                         pipe, dataset).run(resume=True)  # an interrupted ablation goes on
+        trainer = Trainer(_trainer_config(settings, work_dir / variant.replace(":", "_"), recipe["seed"], "adapter"),
+                          pipe, dataset)
+        claim_work_dir(trainer.checkpoint_dir, run_identity(variant, settings, recipe["seed"], pipe, "adapter"))
+        result = trainer.run(resume=True)  # an interrupted ablation goes on
         path = save_adapter(pipe.model, folder / "ablations" / f"{variant.replace(':', '_')}.safetensors",
                             {"variant": variant, "trained_steps": result.step})
-        measured[variant] = {"steps": result.step, "seconds": round(time.perf_counter() - started, 1),
+        measured[variant] = {"steps": result.step, "seconds": round(result.report["train_seconds"], 1),
                              "loss_last_50": round(sum(result.losses[-50:]) / max(1, len(result.losses[-50:])), 5)}
         log(f"{variant}: {measured[variant]} -> {path.name}")
     return measured

@@ -206,6 +206,7 @@ class Trainer:
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         self.ema = EMA(self.trainable, config.train.ema_decay) if config.train.ema_decay > 0 else None
         self.losses: list[float] = []
+        self.train_seconds = 0.0
         self.step = 0
 
     # setup
@@ -261,6 +262,7 @@ class Trainer:
             "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
             "ema": None if self.ema is None else self.ema.shadow,
             "losses": list(self.losses),
+            "train_seconds": self.train_seconds,
             "data_position": self.step * self.config.train.grad_accum,
             "rng": {"seed": self.config.train.seed, "scheme": "per-step generators seeded by (seed, step, micro, rank)"},
         }
@@ -278,6 +280,7 @@ class Trainer:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.shadow = {k: v.float() for k, v in state["ema"].items()}
         self.losses = [float(x) for x in state["losses"]]
+        self.train_seconds = float(state.get("train_seconds", 0.0))  # absent from older checkpoints
         self.step = step
 
     def resume(self) -> bool:
@@ -312,6 +315,7 @@ class Trainer:
             num_workers=config.data.num_workers, collate_fn=lambda b: b)
         cancelled = False
         started, micro_losses = time.perf_counter(), []
+        carried_seconds = self.train_seconds
         for index, examples in zip(range(start, len(batches)), loader):
             step, micro = divmod(index, config.train.grad_accum)
             with self.accelerator.accumulate(module):
@@ -338,6 +342,7 @@ class Trainer:
             if micro != config.train.grad_accum - 1:
                 continue
             self.step = step + 1
+            self.train_seconds = carried_seconds + time.perf_counter() - started
             if self.ema is not None:
                 self.ema.update(self.trainable)
             self.losses.append(sum(micro_losses) / len(micro_losses))
@@ -354,7 +359,9 @@ class Trainer:
                 break
         elapsed = time.perf_counter() - started
         adapter_path = self.export()
-        self.report.update({"steps": self.step, "seconds": round(elapsed, 2), "cancelled": cancelled,
+        # seconds: this run; train_seconds: every run that led to this step, resumed ones included
+        self.report.update({"steps": self.step, "seconds": round(elapsed, 2),
+                            "train_seconds": round(self.train_seconds, 2), "cancelled": cancelled,
                             "final_loss": self.losses[-1] if self.losses else None})
         self._write_report()
         return TrainResult(adapter_path, self.step, list(self.losses), cancelled, dict(self.report))

@@ -289,3 +289,58 @@ def test_a_full_batch_attends_without_a_mask_and_gets_the_masked_result():
     padded = ContextState(features, valid=torch.tensor([[True, True], [True, False]]), weights=torch.ones(2, 2))
     mask = padded.attend_mask(0, rows, (4, 4))
     assert mask is not None and not mask[1, 0, 0, 10:].any()  # the empty slot stays hidden
+
+
+def test_head_dim_sets_the_context_heads_independently_of_the_base():
+    torch.manual_seed(0)
+    unet = tiny_unet(in_channels=4, sample_size=16, channels=(32, 64, 64))
+    base_heads = {name.replace(".", "_"): unet.get_submodule(name[: -len(".processor")]).heads
+                  for name in unet.attn_processors}
+    default = ContextAugmentedUNet(unet, ContextAdapterConfig()).adapter
+    assert all(layer.heads == base_heads[key] for key, layer in default.layers.items())
+    wide = ContextAugmentedUNet(unet, ContextAdapterConfig(head_dim=32)).adapter
+    assert sorted({layer.heads for layer in wide.layers.values()}) == [2]  # 64 channels, 32 per head
+    with pytest.raises(ValueError, match="head_dim: 48 does not divide"):
+        ContextAugmentedUNet(unet, ContextAdapterConfig(head_dim=48))
+
+
+def test_adapter_files_keep_their_head_dim_and_refuse_a_bad_one(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    unet = tiny_unet(in_channels=4, sample_size=16, channels=(32, 64, 64))
+    model = ContextAugmentedUNet(unet, ContextAdapterConfig(head_dim=32))
+    path = save_adapter(model, tmp_path / "wide.safetensors")
+    loaded = load_adapter(path, unet)
+    assert loaded.adapter.config.head_dim == 32
+    assert [layer.heads for layer in loaded.adapter.layers.values()] == [
+        layer.heads for layer in model.adapter.layers.values()]
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    config = json.loads(metadata["adapter_config"])
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=dict(metadata, adapter_config=json.dumps(dict(config, head_dim=0))))
+    with pytest.raises(AdapterError, match="adapter_config.head_dim"):
+        load_adapter(bad, unet)
+
+
+@pytest.mark.parametrize("head_dim, num_freqs", [(32, 8), (16, 8), (40, 4)])
+def test_an_untrained_layer_attends_to_the_context_token_at_its_own_place(head_dim, num_freqs):
+    from instruct_core.context_attention import ContextAttention, fourier_positions
+
+    torch.manual_seed(0)
+    layer = ContextAttention(query_dim=8, context_dim=6, inner_dim=2 * head_dim, out_dim=8, heads=2,
+                             num_freqs=num_freqs)
+    positions = fourier_positions(8, 8, num_freqs, "cpu", torch.float32)
+    with torch.no_grad():
+        query = layer._split_heads(layer.pos_q(positions)[None])
+        key = layer._split_heads(layer.pos_k(positions)[None])
+        logits = query @ key.transpose(-1, -2)  # (1, heads, 64, 64): the positional part of each head's logits
+    own_place = torch.arange(64)
+    assert torch.equal(logits.argmax(dim=-1), own_place.expand(1, 2, 64))
+    # Sharp: the own place wins by a wide margin over its nearest neighbour.
+    second = logits.topk(2, dim=-1).values
+    assert float((second[..., 0] - second[..., 1]).min()) * head_dim ** -0.5 > 1.0

@@ -119,6 +119,9 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_curve(dataset, tmp_pa
     resumed = run_training(config, pipe=_fresh_pipe(), resume=True)
     assert resumed.step == 8
     assert resumed.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-7)
+    # The training time of a resumed run counts the steps before the crash too.
+    assert resumed.report["train_seconds"] > resumed.report["seconds"] > 0
+    assert stopped.report["train_seconds"] == pytest.approx(stopped.report["seconds"], abs=0.5)
     final_a = load_checkpoint(list_checkpoints(tmp_path / "a" / "stage2" / "checkpoints")[-1])[1]
     final_b = load_checkpoint(list_checkpoints(tmp_path / "b" / "stage2" / "checkpoints")[-1])[1]
     for name, value in final_a["trainable"].items():

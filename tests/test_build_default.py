@@ -1,0 +1,96 @@
+"""Building the default model: every phase records what it measured, and an interrupted build goes on only
+with checkpoints that are its own."""
+
+import copy
+import json
+import shutil
+
+import pytest
+
+from instruct_core import default_model as dm
+from instruct_core.cli import main
+from instruct_core.training import TrainingError
+
+# The bundled recipe's shape at a size that trains in seconds.
+SMALL = {
+    "seed": 0,
+    "pretrain": {"steps": 3, "batch_size": 4, "lr": 6e-4, "warmup_steps": 1},
+    "stage1": {"steps": 2, "batch_size": 2, "lr": 3e-4, "warmup_steps": 1, "items": 48},
+    "stage2": {"steps": 3, "batch_size": 2, "lr": 3e-4, "warmup_steps": 1},
+    "single_task_steps": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("build")
+    measured = dm.build(root / "model", root / "work", copy.deepcopy(SMALL), log=lambda line: None)
+    return root, measured
+
+
+def test_a_build_saves_a_loadable_model_and_what_each_phase_measured(built):
+    root, measured = built
+    config = json.loads((root / "model" / "config.json").read_text())
+    assert config["build"]["recipe"] == SMALL
+    assert config["adapter_config"]["head_dim"] == dm.ADAPTER["head_dim"]
+    for phase in ("pretrain", "stage1", "stage2"):
+        record = measured["phases"][phase]
+        assert record["steps"] == SMALL[phase]["steps"] and record["seconds"] > 0, phase
+        assert (root / "work" / phase / dm.RUN_RECORD).is_file(), phase
+    pipe = dm.load_default(device="cpu", folder=root / "model")
+    assert all(layer.heads == layer.to_q.out_features // 32 for layer in pipe.model.adapter.layers.values())
+
+
+def test_a_longer_run_of_the_same_phase_continues_its_checkpoints(built, tmp_path):
+    root, measured = built
+    folder, work = tmp_path / "model", tmp_path / "work"
+    shutil.copytree(root / "model", folder)
+    shutil.copytree(root / "work", work)
+    longer = copy.deepcopy(SMALL)
+    longer["stage2"]["steps"] = 5
+    again = dm.build(folder, work, longer, phases=("stage2",), log=lambda line: None)["phases"]["stage2"]
+    assert again["steps"] == 5
+    # the time of the first three steps is carried over from their checkpoint
+    assert again["seconds"] > measured["phases"]["stage2"]["seconds"]
+
+
+def test_checkpoints_of_other_settings_are_refused(built, tmp_path):
+    root, _ = built
+    folder, work = tmp_path / "model", tmp_path / "work"
+    shutil.copytree(root / "model", folder)
+    shutil.copytree(root / "work", work)
+    other = copy.deepcopy(SMALL)
+    other["stage2"]["lr"] = 1e-3
+    with pytest.raises(TrainingError, match=r"stage2: holds checkpoints of a run with other settings"):
+        dm.build(folder, work, other, phases=("stage2",), log=lambda line: None)
+    (work / "stage2" / dm.RUN_RECORD).unlink()
+    with pytest.raises(TrainingError, match="unrecorded run"):
+        dm.build(folder, work, copy.deepcopy(SMALL), phases=("stage2",), log=lambda line: None)
+
+
+def test_adapter_checkpoints_on_another_base_are_stale(built, tmp_path):
+    import torch
+
+    root, _ = built
+    folder, work = tmp_path / "model", tmp_path / "work"
+    shutil.copytree(root / "model", folder)
+    shutil.copytree(root / "work", work)
+    pipe = dm.load_default(device="cpu", folder=folder)
+    with torch.no_grad():  # as if pretraining had been rerun
+        pipe.base.unet.conv_in.weight.add_(0.01)
+    dm.save_default(pipe, folder)
+    with pytest.raises(TrainingError, match="other base_sha256"):
+        dm.build(folder, work, copy.deepcopy(SMALL), phases=("stage2",), log=lambda line: None)
+
+
+def test_the_cli_refuses_a_foreign_work_folder_with_exit_code_2(built, tmp_path, capsys):
+    root, _ = built
+    folder, work = tmp_path / "model", tmp_path / "work"
+    shutil.copytree(root / "model", folder)
+    shutil.copytree(root / "work", work)
+    # the CLI trains the bundled recipe (another batch size and warm-up than SMALL)
+    code = main(["build-default", "--phases", "stage2", "--scale", "0.001", "--out", str(folder),
+                 "--work-dir", str(work)])
+    assert code == 2
+    assert "holds checkpoints of a run with other settings" in capsys.readouterr().err
+    assert (work / "stage2" / "checkpoints").is_dir()  # nothing of the earlier run was removed
