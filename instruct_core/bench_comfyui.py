@@ -35,25 +35,35 @@ class ComfyBenchSettings:
     command: str = ""
 
 
-def write_random_checkpoint(path: Path, seed: int = 0) -> Path:
-    """An SD1.5-shaped single file with random weights (fp16): the same architecture and file format as a
-    real one, for timing without downloading anything. Never replaces an existing file."""
+# --random-kind: (model family, shape as named in messages)
+RANDOM_KINDS = {"sd15": ("sd1", "SD1.5"), "sdxl": ("sdxl", "SDXL")}
+
+
+def write_random_checkpoint(path: Path, kind: str = "sd15", seed: int = 0, config_dir: Path | None = None) -> Path:
+    """A single file with random weights (fp16) in the shape of `kind` (sd15: about 2 GB, sdxl: about 7 GB;
+    `config_dir`: a diffusers config folder instead of the shipped one): the same architecture and file
+    format as a real checkpoint, for timing without downloading anything. Never replaces an existing file."""
     if path.exists():
         raise FileExistsError(f"{path} exists; the random checkpoint is written only under a new name")
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .loading import BaseModel, export_single_file, load_tokenizer, shipped_config_dir
+    from .loading import (TEXT_ENCODER_NAMES, TOKENIZER_NAMES, BaseModel, _components, _text_encoder_class,
+                          export_single_file, load_tokenizer, shipped_config_dir)
 
-    folder = shipped_config_dir("sd1", "epsilon")
+    family, shape = RANDOM_KINDS[kind]
+    folder = Path(config_dir) if config_dir is not None else shipped_config_dir(family, "epsilon")
+    components = _components(folder)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder / "unet")))
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(folder / "vae")))
-    text_config = CLIPTextConfig.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
-    base = BaseModel(unet=unet, vae=vae, text_encoders=[CLIPTextModel(text_config)],
-                     tokenizers=[load_tokenizer(folder / "tokenizer")], scheduler_config={},
-                     prediction_type="epsilon", kind="sd1", source="random sd15")
+    text_encoders = []
+    for name in (n for n in TEXT_ENCODER_NAMES if n in components):
+        cls = _text_encoder_class(components[name], folder)
+        text_encoders.append(cls(cls.config_class.from_pretrained(str(folder / name), local_files_only=True)))
+    base = BaseModel(unet=unet, vae=vae, text_encoders=text_encoders,
+                     tokenizers=[load_tokenizer(folder / n) for n in TOKENIZER_NAMES if n in components],
+                     scheduler_config={}, prediction_type="epsilon", kind=family, source=f"random {shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
     return export_single_file(base, path, dtype="fp16")
 

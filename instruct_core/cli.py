@@ -123,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_comfy.add_argument("--server", required=True, help="the ComfyUI address, e.g. http://127.0.0.1:8188")
     bench_comfy.add_argument("--checkpoint", required=True, help="a checkpoint in the server's models/checkpoints")
     bench_comfy.add_argument("--write-random-checkpoint", default=None, metavar="FOLDER",
-                             help="first write an SD1.5-shaped checkpoint with random weights, named "
-                                  "--checkpoint, into FOLDER (the server's models/checkpoints)")
+                             help="first write a checkpoint with random weights, named --checkpoint, into FOLDER "
+                                  "(the server's models/checkpoints)")
+    bench_comfy.add_argument("--random-kind", default="sd15", choices=("sd15", "sdxl"),
+                             help="the shape of that checkpoint")
     bench_comfy.add_argument("--size", type=int, default=512, help="image width and height in pixels")
     bench_comfy.add_argument("--batch", type=int, default=1)
     bench_comfy.add_argument("--steps", type=int, default=20)
@@ -382,8 +384,8 @@ def run_bench_comfyui(args) -> int:
             if path.exists():
                 raise UsageError(f"--write-random-checkpoint: {path} exists; choose a new --checkpoint name")
             bench_comfyui.server_stats(ComfyClient(args.server))  # reachable, before minutes of writing
-            log(f"writing a random SD1.5-shaped checkpoint to {path}")
-            bench_comfyui.write_random_checkpoint(path)
+            log(f"writing a random {bench_comfyui.RANDOM_KINDS[args.random_kind][1]}-shaped checkpoint to {path}")
+            bench_comfyui.write_random_checkpoint(path, args.random_kind)
         report = bench_comfyui.bench_comfyui(settings, log)
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)

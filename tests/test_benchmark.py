@@ -194,3 +194,23 @@ def test_comfyui_bench_says_when_the_server_is_unreachable(capsys):
     assert "cannot reach http://127.0.0.1:1" in capsys.readouterr().err
     # a checkpoint in a subfolder is a name the server lists; nothing is written for an unreachable server
     assert main(["bench", "comfyui", "--server", "http://127.0.0.1:1", "--checkpoint", "sd/m.safetensors"]) == 1
+
+
+def test_the_random_checkpoint_has_the_shape_asked_for_and_loads_like_a_real_one(tmp_path):
+    from safetensors import safe_open
+
+    from instruct_core.loading import load_base
+    from test_loading import tiny_base, write_config_dir
+
+    config_dir = write_config_dir(tmp_path / "config", tiny_base("sdxl"))
+    path = bench_comfyui.write_random_checkpoint(tmp_path / "random_sdxl.safetensors", "sdxl", config_dir=config_dir)
+    with safe_open(str(path), "pt") as handle:
+        keys = list(handle.keys())
+        assert {handle.get_slice(k).get_dtype() for k in keys} == {"F16"}
+    assert any(k.startswith("conditioner.embedders.1.model.") for k in keys)  # OpenCLIP-bigG's place
+    loaded = load_base(path, config_dir=config_dir, dtype="fp32", device="cpu")
+    assert loaded.kind == "sdxl" and len(loaded.text_encoders) == 2
+    assert loaded.unet.config.addition_embed_type == "text_time"
+    assert [type(e).__name__ for e in loaded.text_encoders] == ["CLIPTextModel", "CLIPTextModelWithProjection"]
+    with pytest.raises(FileExistsError):
+        bench_comfyui.write_random_checkpoint(path, "sdxl", config_dir=config_dir)
