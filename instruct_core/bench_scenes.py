@@ -335,12 +335,13 @@ def sample_scene(
     return Scene(background, tuple(objects), None if style is None else style.name, int(rng.integers(2**31)))
 
 
-def vary_scene(scene: Scene, rng: np.random.Generator) -> Scene:
+def vary_scene(scene: Scene, rng: np.random.Generator, *, move: bool = False) -> Scene:
     """A near neighbour of `scene`: the same objects (shapes, colours, subjects) in the same cells
-    and the same style, with new jitter, rotations, depths, possibly sizes and background pattern."""
+    (other cells with `move`) and the same style, with new jitter, rotations, depths, possibly sizes and
+    background pattern."""
     specs = [(o.shape, o.colour, o.pattern, o.subject) for o in scene.objects]
     sizes = [o.size if rng.random() < 0.7 else None for o in scene.objects]
-    cells = [o.cell for o in scene.objects]
+    cells = None if move else [o.cell for o in scene.objects]
     try:
         objects = _place(specs, rng, cells=cells, sizes=sizes)
     except RuntimeError:

@@ -508,12 +508,16 @@ class BenchmarkTaskDataset:
                             meta={"split": "train", "index": int(position), "seed": self.seed})
 
 
-def stage1_items(n: int, seed: int = 0, size: int = 32, *, variants: int = 4) -> list[ImageTextItem]:
+def stage1_items(n: int, seed: int = 0, size: int = 32, *, variants: int = 4,
+                 move_objects: bool = True) -> list[ImageTextItem]:
     """`n` captioned images for stage-1 retrieval training, with near-neighbour structure.
 
     Items come in groups of `variants`: one base scene and its variations (`vary_scene`: same
-    objects, cells, subjects and style; new jitter, turns, depths, sometimes sizes and background
-    pattern). A fifth of the bases hold a seen subject and a fifth a seen style; held-out ones
+    objects, subjects and style; new jitter, turns, depths, sometimes sizes and background
+    pattern). With `move_objects` the variations put the objects in other cells, so a neighbour
+    tells what to draw and the caption where: neighbours in the same cells teach the context layers
+    to copy a context's layout, which the spatial controls (an edge map is not a picture) then
+    have to unlearn. A fifth of the bases hold a seen subject and a fifth a seen style; held-out ones
     never appear. `item.image` holds the render; `extra` has "base" (the group) and, where present,
     "subject" and "style" labels (so `tasks.TaskMixture` can group them too).
     """
@@ -529,7 +533,7 @@ def stage1_items(n: int, seed: int = 0, size: int = 32, *, variants: int = 4) ->
         scene = scenes.sample_scene(rng, subject=subject, style=style)
         for variant in range(min(variants, n - len(items))):
             if variant:
-                scene = scenes.vary_scene(scene, rng)
+                scene = scenes.vary_scene(scene, rng, move=move_objects)
             extra = {"base": base_index}
             subject_ids = [o.subject for o in scene.objects if o.subject is not None]
             if subject_ids:

@@ -353,7 +353,7 @@ def test_mixture_dataset_yields_training_examples_by_weight():
 def test_stage1_items_have_near_neighbours():
     from instruct_core.retrieval import PixelEmbedder
 
-    items = tasks.stage1_items(80, seed=0, variants=4)
+    items = tasks.stage1_items(80, seed=0, variants=4, move_objects=False)
     assert len(items) == 80 and all(isinstance(i, ImageTextItem) and i.image is not None for i in items)
     assert len({i.key for i in items}) == 80
     vectors = PixelEmbedder().embed(items)
@@ -362,7 +362,26 @@ def test_stage1_items_have_near_neighbours():
     bases = np.array([item.extra["base"] for item in items])
     nearest = similarity.argmax(axis=1)
     assert (bases[nearest] == bases).mean() > 0.6
-    assert [i.caption for i in tasks.stage1_items(80, seed=0)] == [i.caption for i in items]
+    again = tasks.stage1_items(80, seed=0, move_objects=False)
+    assert [i.caption for i in again] == [i.caption for i in items]
+
+
+def test_stage1_neighbours_show_the_same_objects_elsewhere():
+    import re
+
+    places = ("top left", "top right", "bottom left", "bottom right", "top", "bottom", "left", "right", "center")
+    where = re.compile("|".join(places))
+    items = tasks.stage1_items(200, seed=0)
+    groups = {}
+    for item in items:
+        groups.setdefault(item.extra["base"], []).append(item.caption)
+    shape = re.compile("|".join(scenes.SHAPES))
+    moved = 0
+    for captions in groups.values():
+        assert len({tuple(sorted(shape.findall(c))) for c in captions}) == 1  # the same objects
+        moved += len({tuple(where.findall(c)) for c in captions}) > 1  # in other places
+    assert moved / len(groups) > 0.8
+    assert [i.caption for i in tasks.stage1_items(200, seed=0)] == [i.caption for i in items]
 
 
 def test_bench_sizes_other_than_32():
