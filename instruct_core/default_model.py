@@ -37,8 +37,9 @@ ARCHITECTURE = {
 # The adapter's own settings; its context heads are 32 wide, where the base's are 2-3 wide.
 ADAPTER = {"head_dim": 32}
 
-# About 90 minutes on one core of a 2-core CPU (pretraining 21, stage 1 9, stage 2 about 55): a small UNet
-# seeing many images learns these scenes faster than a wide one seeing few.
+# About 1 h 45 min on one core of a 2-core CPU (pretraining about 70 min, stage 1 5, stage 2 about 27): a small
+# UNet seeing many images learns these scenes faster than a wide one seeing few. Pretraining runs until the
+# base reads its text: another example's caption raises its loss by 3% after 1,500 steps, by 17% after 5,100.
 RECIPE = {
     "seed": 0,
     "pretrain": {"steps": 5100, "batch_size": 16, "lr": 6e-4, "warmup_steps": 100},
