@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="docs/RESULTS.md")
     evaluate.add_argument("--quick", action="store_true", help="a reduced run (CI): 4 examples, 8 steps")
     evaluate.add_argument("--cfg-text", type=float, default=3.0, help="text guidance scale s_t")
-    evaluate.add_argument("--cfg-context", type=float, default=1.0,
-                          help="context guidance scale s_c (1.0: chosen on the training split, see RESULTS.md)")
+    evaluate.add_argument("--cfg-context", type=float, default=2.0,
+                          help="context guidance scale s_c (2.0: chosen on the training split, see RESULTS.md)")
     evaluate.add_argument("--split", default="test", choices=("test", "train"),
                           help="train: tune settings on training examples, never on the test split")
     evaluate.add_argument("--jobs", type=int, default=1,
