@@ -28,6 +28,14 @@ def built(tmp_path_factory):
     return root, measured
 
 
+def copy_of(root, tmp_path):
+    """A private copy of the built model folder and work folder, for a test that changes them."""
+    folder, work = tmp_path / "model", tmp_path / "work"
+    shutil.copytree(root / "model", folder)
+    shutil.copytree(root / "work", work)
+    return folder, work
+
+
 def test_a_build_saves_a_loadable_model_and_what_each_phase_measured(built):
     root, measured = built
     config = json.loads((root / "model" / "config.json").read_text())
@@ -43,9 +51,7 @@ def test_a_build_saves_a_loadable_model_and_what_each_phase_measured(built):
 
 def test_a_longer_run_of_the_same_phase_continues_its_checkpoints(built, tmp_path):
     root, measured = built
-    folder, work = tmp_path / "model", tmp_path / "work"
-    shutil.copytree(root / "model", folder)
-    shutil.copytree(root / "work", work)
+    folder, work = copy_of(root, tmp_path)
     longer = copy.deepcopy(SMALL)
     longer["stage2"]["steps"] = 5
     again = dm.build(folder, work, longer, phases=("stage2",), log=lambda line: None)["phases"]["stage2"]
@@ -56,9 +62,7 @@ def test_a_longer_run_of_the_same_phase_continues_its_checkpoints(built, tmp_pat
 
 def test_checkpoints_of_other_settings_are_refused(built, tmp_path):
     root, _ = built
-    folder, work = tmp_path / "model", tmp_path / "work"
-    shutil.copytree(root / "model", folder)
-    shutil.copytree(root / "work", work)
+    folder, work = copy_of(root, tmp_path)
     other = copy.deepcopy(SMALL)
     other["stage2"]["lr"] = 1e-3
     with pytest.raises(TrainingError, match=r"stage2: holds checkpoints of a run with other settings"):
@@ -72,9 +76,7 @@ def test_adapter_checkpoints_on_another_base_are_stale(built, tmp_path):
     import torch
 
     root, _ = built
-    folder, work = tmp_path / "model", tmp_path / "work"
-    shutil.copytree(root / "model", folder)
-    shutil.copytree(root / "work", work)
+    folder, work = copy_of(root, tmp_path)
     pipe = dm.load_default(device="cpu", folder=folder)
     with torch.no_grad():  # as if pretraining had been rerun
         pipe.base.unet.conv_in.weight.add_(0.01)
@@ -85,9 +87,7 @@ def test_adapter_checkpoints_on_another_base_are_stale(built, tmp_path):
 
 def test_the_cli_refuses_a_foreign_work_folder_with_exit_code_2(built, tmp_path, capsys):
     root, _ = built
-    folder, work = tmp_path / "model", tmp_path / "work"
-    shutil.copytree(root / "model", folder)
-    shutil.copytree(root / "work", work)
+    folder, work = copy_of(root, tmp_path)
     # the CLI trains the bundled recipe (another batch size and warm-up than SMALL)
     code = main(["build-default", "--phases", "stage2", "--scale", "0.001", "--out", str(folder),
                  "--work-dir", str(work)])
