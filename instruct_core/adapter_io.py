@@ -169,6 +169,7 @@ def _adapter_config(path: Path, metadata: dict) -> ContextAdapterConfig:
          f"an integer in 0..{MAX_ENCODE_TIMESTEP}"),
         (config.head_dim is None or _is_int(config.head_dim, 1, MAX_HEAD_DIM), "head_dim",
          f"null or an integer in 1..{MAX_HEAD_DIM}"),
+        (_is_int(config.content_heads, 0, MAX_HEAD_DIM), "content_heads", f"an integer in 0..{MAX_HEAD_DIM}"),
         (1 <= len(config.modalities) <= MAX_MODALITIES and all(isinstance(m, str) for m in config.modalities),
          "modalities", f"a list of 1..{MAX_MODALITIES} names"),
     ]

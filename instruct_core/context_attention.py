@@ -40,13 +40,17 @@ ALIGNED_POSITION_GAIN = 3.0
 
 
 @torch.no_grad()
-def aligned_position_init(weight: torch.Tensor, heads: int, gain: float = ALIGNED_POSITION_GAIN) -> None:
-    """Start a (inner_dim, pos_dim) position projection as a scaled identity in every head.
+def aligned_position_init(weight: torch.Tensor, heads: int, gain: float = ALIGNED_POSITION_GAIN,
+                          content_heads: int = 0) -> None:
+    """Start a (inner_dim, pos_dim) position projection as a scaled identity in every head but the last
+    `content_heads`, which start at zero.
 
     With the same start for queries and keys, the positional part of each head's logit is
     gain^2 * sum(cos(freq * (p - p'))), largest where the query's place p equals the key's p'. Spatial
     controls (edges, masks, depth) are then read where they apply from the first step instead of after
-    the layer has discovered alignment from random projections.
+    the layer has discovered alignment from random projections. That prior is strong (a peak logit of about
+    25 for a 32-wide head) and training barely moves it, so a head that must find a subject elsewhere in a
+    reference, or pool a style over the whole of one, has to start without it: a content head.
     """
     inner_dim, pos_dim = weight.shape
     head_dim = inner_dim // heads
@@ -56,7 +60,7 @@ def aligned_position_init(weight: torch.Tensor, heads: int, gain: float = ALIGNE
     by_frequency = torch.tensor([part * num_freqs + f for f in range(num_freqs) for part in range(4)])
     shared = min(head_dim, pos_dim)
     weight.zero_()
-    for head in range(heads):
+    for head in range(heads - content_heads):
         rows = torch.arange(shared) + head * head_dim
         weight[rows, by_frequency[:shared]] = gain
 
@@ -64,8 +68,11 @@ def aligned_position_init(weight: torch.Tensor, heads: int, gain: float = ALIGNE
 class ContextAttention(nn.Module):
     """The parameters of one context cross-attention layer (owned by the adapter, not the UNet)."""
 
-    def __init__(self, query_dim: int, context_dim: int, inner_dim: int, out_dim: int, heads: int, num_freqs: int):
+    def __init__(self, query_dim: int, context_dim: int, inner_dim: int, out_dim: int, heads: int, num_freqs: int,
+                 content_heads: int = 0):
         super().__init__()
+        if not 0 <= content_heads <= heads:
+            raise ValueError(f"content_heads: {content_heads} is not in 0..{heads}, the layer's heads")
         self.heads = heads
         self.num_freqs = num_freqs
         pos_dim = 4 * num_freqs
@@ -75,8 +82,8 @@ class ContextAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.pos_q = nn.Linear(pos_dim, inner_dim, bias=False)
         self.pos_k = nn.Linear(pos_dim, inner_dim, bias=False)
-        aligned_position_init(self.pos_q.weight, heads)
-        aligned_position_init(self.pos_k.weight, heads)
+        aligned_position_init(self.pos_q.weight, heads, content_heads=content_heads)
+        aligned_position_init(self.pos_k.weight, heads, content_heads=content_heads)
         self.null_key = nn.Parameter(torch.zeros(inner_dim))
         # No bias: with a zero value for the null token, "no context" must add exactly nothing.
         self.to_out = nn.Linear(inner_dim, out_dim, bias=False)

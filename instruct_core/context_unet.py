@@ -60,6 +60,10 @@ class ContextAdapterConfig:
     # whose heads are very narrow (diffusers reads `attention_head_dim` as a head count) needs wider ones:
     # a 2-wide head cannot match positions.
     head_dim: int | None = None
+    # Heads per layer that start without the positional prior (the last ones): they may look anywhere in a
+    # context, as a subject drawn elsewhere or a style spread over the whole reference needs. The others
+    # start reading the context token at the query's own place, as spatial controls need.
+    content_heads: int = 0
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -132,10 +136,12 @@ class ContextAdapter(nn.Module):
             if config.head_dim is not None and inner_dim % config.head_dim:
                 raise ValueError(f"head_dim: {config.head_dim} does not divide {name}'s width {inner_dim}")
             heads = attn.heads if config.head_dim is None else inner_dim // config.head_dim
+            if config.content_heads > heads:
+                raise ValueError(f"content_heads: {config.content_heads} is more than {name}'s {heads} heads")
             self.layers[key] = ContextAttention(
                 query_dim=attn.to_q.in_features, context_dim=level_channels(unet, level),
                 inner_dim=inner_dim, out_dim=attn.to_out[0].out_features,
-                heads=heads, num_freqs=config.num_freqs,
+                heads=heads, num_freqs=config.num_freqs, content_heads=config.content_heads,
             )
             with torch.no_grad():
                 self.layers[key].to_q.weight.copy_(attn.to_q.weight)

@@ -2,10 +2,13 @@
 
 It is built in three phases, all with this package's own trainer:
   0. text-to-image pretraining of the base UNet (the text encoder is a small, frozen, seeded CLIP),
-  1. stage 1: retrieval-augmented training of the adapter (neighbours from the base's own encoder),
-  2. stage 2: multi-task instruction tuning of the adapter on the benchmark's in-domain tasks.
-`python -m instruct_core build-default` reruns it; the recipe and measured losses are stored beside the
-weights in `default_model/config.json`.
+  1. stage 1: retrieval-augmented training (neighbours from the base's own encoder),
+  2. stage 2: multi-task instruction tuning on the benchmark's in-domain tasks.
+Stages 1 and 2 train the adapter and, as in Instruct-Imagen, the base UNet too (`train_base` per phase): a
+frozen base that never drew a style or a subject cannot learn to from a reference. The pretrained base is
+kept beside the model (`ablations/text_only.safetensors`) as the text-only baseline and the start of the
+ablations. `python -m instruct_core build-default` reruns it; the recipe and measured losses are stored
+beside the weights in `default_model/config.json`.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ ARCHITECTURE = {
                   "prediction_type": "v_prediction"},
 }
 
-# The adapter's own settings; its context heads are 32 wide, where the base's are 2-3 wide.
-ADAPTER = {"head_dim": 32}
+# The adapter's own settings; its context heads are 32 wide, where the base's are 2-3 wide, and one head per
+# layer starts free of the positional prior, to find a subject or a style anywhere in a reference.
+ADAPTER = {"head_dim": 32, "content_heads": 1}
 
 # About 1 h 45 min on one core of a 2-core CPU (pretraining about 70 min, stage 1 5, stage 2 about 27): a small
 # UNet seeing many images learns these scenes faster than a wide one seeing few. Pretraining runs until the
@@ -43,10 +47,15 @@ ADAPTER = {"head_dim": 32}
 RECIPE = {
     "seed": 0,
     "pretrain": {"steps": 5100, "batch_size": 16, "lr": 6e-4, "warmup_steps": 100},
-    "stage1": {"steps": 200, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "items": 2000},
-    "stage2": {"steps": 2000, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20},
-    "single_task_steps": 200,  # the single-task ablations' adapter budget
+    "stage1": {"steps": 200, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "items": 2000, "train_base": "full"},
+    "stage2": {"steps": 1600, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "train_base": "full"},
+    "single_task_steps": 200,  # the single-task ablations' budget
 }
+
+ABLATIONS = "ablations"
+# The pretrained base, before stages 1 and 2 trained it: the text-only baseline and the ablations' start.
+PRETRAINED_BASE = "text_only"
+VARIANT_FORMAT = "instruct-imagen-default-variant"
 
 
 def build_default_base(seed: int = 0, architecture: dict = ARCHITECTURE):
@@ -117,6 +126,50 @@ def load_default(adapter: str | None = None, device: str = "auto", dtype: str = 
     return pipe
 
 
+def save_variant(pipe, path: Path, info: dict | None = None, with_adapter: bool = True) -> Path:
+    """A variant of the default model whose base UNet was trained too: its UNet and (unless `with_adapter` is
+    False: an untrained one) its adapter, fp16, in one file. The frozen text encoder is the default model's."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    modules = [("unet.", pipe.base.unet)] + ([("adapter.", pipe.model.adapter)] if with_adapter else [])
+    tensors = {prefix + name: value.detach().cpu().to(torch.float16 if value.is_floating_point() else value.dtype)
+               .contiguous() for prefix, module in modules for name, value in module.state_dict().items()
+               if ".lora_" not in name}
+    adapter_config = pipe.model.adapter.config.to_dict()
+    adapter_config["levels"] = list(pipe.model.adapter.levels)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": VARIANT_FORMAT, "adapter_config": json.dumps(adapter_config),
+                                           "info": json.dumps(info or {})})
+    tmp.replace(path)
+    return path
+
+
+def is_variant_file(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return (handle.metadata() or {}).get("format") == VARIANT_FORMAT
+
+
+def load_variant(path: Path, device: str = "auto", dtype: str = "auto", folder: Path = DEFAULT_DIR):
+    """A variant written by `save_variant`, on the default model's text encoder."""
+    from safetensors import safe_open
+
+    from .context_unet import ContextAdapterConfig
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get("format") != VARIANT_FORMAT:
+        raise ValueError(f"{path}: not a default-model variant (format {metadata.get('format')!r})")
+    config = ContextAdapterConfig.from_dict(json.loads(metadata["adapter_config"]))
+    pipe = load_default(device=device, dtype=dtype, adapter_config=config, folder=folder)
+    tensors = load_file(str(path))
+    part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    pipe.base.unet.load_state_dict(part("unet."))  # copies into the placed weights, keeping device and dtype
+    if any(key.startswith("adapter.") for key in tensors):
+        pipe.model.adapter.load_state_dict(part("adapter."))
+    return pipe
+
+
 def _trainer_config(phase: dict, output_dir: Path, seed: int, train_base: str):
     from .train_config import config_from_dict
 
@@ -139,6 +192,7 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
     from .training import Trainer
 
     seed = recipe["seed"]
+    pretrained_base = folder / ABLATIONS / f"{PRETRAINED_BASE}.safetensors"
     if "pretrain" in phases:
         base = build_default_base(seed)
         pipe = InstructImagen(base, ContextAugmentedUNet(base.unet, ContextAdapterConfig(**ADAPTER)))
@@ -159,13 +213,16 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
             clusters, stats = form_clusters(embeddings, build_index(embeddings, kind="flat"))
             measured["phases"]["stage1_clusters"] = stats.to_dict()
             dataset = RetrievalExamples(items, clusters, num_context=3, seed=seed)
-            train_base = "adapter"
+            train_base = settings.get("train_base", "adapter")
         else:
             dataset = BenchmarkTaskDataset(BENCH_MIX, length=100_000, seed=seed + 1, size=size)
-            train_base = "adapter"
+            train_base = settings.get("train_base", "adapter")
         config = _trainer_config(settings, work_dir / phase, seed, train_base)
         trainer = Trainer(config, pipe, dataset, progress=progress)
         claim_work_dir(trainer.checkpoint_dir, run_identity(phase, settings, seed, pipe, train_base))
+        if phase != "pretrain" and train_base != "adapter" and not pretrained_base.is_file():
+            # the last moment the base is as pretraining left it
+            save_variant(pipe, pretrained_base, {"variant": PRETRAINED_BASE}, with_adapter=False)
         probe = probe_examples(dataset)
         before = trainer.held_out_loss(probe)
         result = trainer.run(resume=True)  # an interrupted build goes on
@@ -181,6 +238,8 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
         }
         log(f"{phase}: {measured['phases'][phase]}")
         save_default(pipe, folder, {"build": measured})
+        if phase == "pretrain":  # a new base: the old snapshot of it is stale
+            pretrained_base.unlink(missing_ok=True)
     return measured
 
 
@@ -255,7 +314,9 @@ def build_evaluator(folder: Path = DEFAULT_DIR, seed: int = 0, steps: int = 1200
 
 def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subject"), folder: Path = DEFAULT_DIR,
                     work_dir: Path = Path("runs/default_model"), recipe: dict = RECIPE, log=print) -> dict:
-    """Adapters for the evaluation's ablations, each trained on the default model's pretrained base."""
+    """The evaluation's ablations, each trained from the default model's pretrained base: an adapter file
+    when the recipe's stage 2 trains the adapter alone, a variant file (`save_variant`) when it trains the
+    base too."""
     from .bench_tasks import BENCH_MIX, BenchmarkTaskDataset
     from .context_unet import ContextAdapterConfig, ContextAugmentedUNet
     from .adapter_io import save_adapter
@@ -265,11 +326,15 @@ def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subje
     config = json.loads((folder / "config.json").read_text())
     size = ARCHITECTURE["unet"]["sample_size"]
     measured = {}
+    pretrained_base = folder / ABLATIONS / f"{PRETRAINED_BASE}.safetensors"
     for variant in variants:
-        pipe = load_default(device="cpu", folder=folder)
+        # with no snapshot, stages 1 and 2 left the base as it was pretrained
+        pipe = (load_variant(pretrained_base, device="cpu", folder=folder) if pretrained_base.is_file()
+                else load_default(device="cpu", folder=folder))
         fresh = ContextAugmentedUNet(pipe.base.unet, ContextAdapterConfig.from_dict(config["adapter_config"]))
         pipe = InstructImagen(pipe.base, fresh)
         settings = dict(recipe["stage2"])
+        train_base = settings.get("train_base", "adapter")
         if variant == "no_stage1":  # the adapter budget of stage 1 + stage 2, all spent on stage 2
             mix = BENCH_MIX
             settings["steps"] = recipe["stage1"]["steps"] + recipe["stage2"]["steps"]
@@ -277,12 +342,13 @@ def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subje
             mix = {variant.split(":", 1)[1]: 1.0}
             settings["steps"] = recipe["single_task_steps"]
         dataset = BenchmarkTaskDataset(mix, length=100_000, seed=recipe["seed"] + 1, size=size)
-        trainer = Trainer(_trainer_config(settings, work_dir / variant.replace(":", "_"), recipe["seed"], "adapter"),
+        trainer = Trainer(_trainer_config(settings, work_dir / variant.replace(":", "_"), recipe["seed"], train_base),
                           pipe, dataset)
-        claim_work_dir(trainer.checkpoint_dir, run_identity(variant, settings, recipe["seed"], pipe, "adapter"))
+        claim_work_dir(trainer.checkpoint_dir, run_identity(variant, settings, recipe["seed"], pipe, train_base))
         result = trainer.run(resume=True)  # an interrupted ablation goes on
-        path = save_adapter(pipe.model, folder / "ablations" / f"{variant.replace(':', '_')}.safetensors",
-                            {"variant": variant, "trained_steps": result.step})
+        path = folder / ABLATIONS / f"{variant.replace(':', '_')}.safetensors"
+        info = {"variant": variant, "trained_steps": result.step}
+        path = save_adapter(pipe.model, path, info) if train_base == "adapter" else save_variant(pipe, path, info)
         measured[variant] = {"steps": result.step, "seconds": round(result.report["train_seconds"], 1),
                              "loss_last_50": round(sum(result.losses[-50:]) / max(1, len(result.losses[-50:])), 5)}
         log(f"{variant}: {measured[variant]} -> {path.name}")

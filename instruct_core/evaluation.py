@@ -1,10 +1,13 @@
 """The benchmark evaluation behind docs/RESULTS.md: every task, in-domain and zero-shot, for several models.
 
-Models ("variants"), all on the default model's pretrained base:
+Models ("variants"), all starting from the default model's pretrained base:
     full          pretraining + stage 1 + stage 2 (the bundled default model)
     no_stage1     stage 2 only (the paper's ablation of retrieval-augmented training)
-    text_only     no trained adapter: the base follows the text alone (context layers start at zero)
-    single:<task> an adapter trained on one task only (stage 2 with a one-task mix)
+    text_only     the pretrained base with no trained adapter: it follows the text alone (context layers
+                  start at zero)
+    single:<task> stage 2 on one task only (a one-task mix)
+Where the recipe's stages train the base too, each variant carries its own base (`default_model.save_variant`)
+and text_only is the base as pretraining left it.
 Each example is generated once per variant with the same seed; scores come from `bench_metrics`. Intervals
 are 95% percentile bootstrap intervals of the mean over examples (1000 resamples, seeded).
 """
@@ -21,7 +24,6 @@ import torch
 
 from .default_model import DEFAULT_DIR
 
-ABLATIONS_DIR = DEFAULT_DIR / "ablations"
 EVALUATOR_FILE = DEFAULT_DIR / "evaluator.safetensors"
 SINGLE_TASKS = ("edge_to_image", "subject")
 
@@ -39,22 +41,27 @@ class EvalSettings:
     split: str = "test"  # "train" to choose settings without looking at the test split
 
 
-def variant_pipe(variant: str):
-    """An InstructImagen for an evaluation variant."""
+def variant_pipe(variant: str, folder: Path = DEFAULT_DIR):
+    """An InstructImagen for an evaluation variant of the default model in `folder`."""
     from .context_unet import ContextAdapterConfig
-    from .default_model import load_default
+    from .default_model import ABLATIONS, PRETRAINED_BASE, is_variant_file, load_default, load_variant
 
     if variant == "full":
-        return load_default(device="cpu")
+        return load_default(device="cpu", folder=folder)
+    ablations = folder / ABLATIONS
     if variant == "text_only":
-        config = json.loads((DEFAULT_DIR / "config.json").read_text())["adapter_config"]
-        return load_default(device="cpu", adapter_config=ContextAdapterConfig.from_dict(config))
-    name = variant.replace(":", "_")
-    path = ABLATIONS_DIR / f"{name}.safetensors"
+        pretrained = ablations / f"{PRETRAINED_BASE}.safetensors"
+        if pretrained.is_file():  # stages 1 and 2 trained the base too: the pretrained one, untrained adapter
+            return load_variant(pretrained, device="cpu", folder=folder)
+        config = json.loads((folder / "config.json").read_text())["adapter_config"]
+        return load_default(device="cpu", adapter_config=ContextAdapterConfig.from_dict(config), folder=folder)
+    path = ablations / f"{variant.replace(':', '_')}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"variant {variant}: {path} is missing; run `python -m instruct_core build-default "
                                 f"--ablations` first")
-    return load_default(device="cpu", adapter=str(path))
+    if is_variant_file(path):
+        return load_variant(path, device="cpu", folder=folder)
+    return load_default(device="cpu", adapter=str(path), folder=folder)
 
 
 def load_evaluator():
@@ -260,9 +267,10 @@ def write_results(results: dict, settings: EvalSettings, in_domain: list[str], z
         "PQ the evaluator's probability that the image is a clean render, and overall O = √(SC·PQ) as in "
         "Instruct-Imagen.",
         "",
-        "Models: **full** = the bundled default model (pretraining + stage 1 + stage 2); **no_stage1** = stage 2 "
-        "only; **text_only** = the same base with an untrained adapter (it follows the text alone); "
-        "**single_*** = an adapter trained on one task.",
+        "Models, each starting from the same pretrained base: **full** = the bundled default model (pretraining + "
+        "stage 1 + stage 2); **no_stage1** = stage 2 only; **text_only** = the pretrained base with an untrained "
+        "adapter (it follows the text alone); **single_*** = stage 2 on one task. Stages 1 and 2 train the "
+        "adapter and the base UNet as the recipe says (`train_base`, in the build below).",
         "",
         "## The full model against its baselines",
         "",

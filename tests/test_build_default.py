@@ -92,5 +92,70 @@ def test_the_cli_refuses_a_foreign_work_folder_with_exit_code_2(built, tmp_path,
     code = main(["build-default", "--phases", "stage2", "--scale", "0.001", "--out", str(folder),
                  "--work-dir", str(work)])
     assert code == 2
-    assert "holds checkpoints of a run with other settings" in capsys.readouterr().err
+    # the bundled recipe trains the base in stage 2: its record names no base digest, where SMALL's does
+    assert "holds checkpoints of a run with other base_sha256, settings;" in capsys.readouterr().err
     assert (work / "stage2" / "checkpoints").is_dir()  # nothing of the earlier run was removed
+
+
+# Stages 1 and 2 train the base too, as the bundled recipe does.
+SMALL_FULL = copy.deepcopy(SMALL)
+SMALL_FULL["stage1"]["train_base"] = SMALL_FULL["stage2"]["train_base"] = "full"
+
+
+def _unet_fp16(pipe):
+    import torch
+
+    return {k: v.to(torch.float16) for k, v in pipe.base.unet.state_dict().items()}
+
+
+def test_stages_that_train_the_base_keep_the_pretrained_one_as_the_text_only_baseline(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from instruct_core.evaluation import variant_pipe
+
+    folder, work, quiet = tmp_path / "model", tmp_path / "work", lambda line: None
+    dm.build(folder, work, copy.deepcopy(SMALL_FULL), phases=("pretrain",), log=quiet)
+    pretrained = _unet_fp16(dm.load_default(device="cpu", folder=folder))
+    snapshot = folder / dm.ABLATIONS / f"{dm.PRETRAINED_BASE}.safetensors"
+    assert not snapshot.exists()
+    dm.build(folder, work, copy.deepcopy(SMALL_FULL), phases=("stage1", "stage2"), log=quiet)
+
+    assert dm.is_variant_file(snapshot) and not any(k.startswith("adapter.") for k in load_file(str(snapshot)))
+    full = _unet_fp16(variant_pipe("full", folder))
+    assert any(not torch.equal(full[k], pretrained[k]) for k in pretrained)  # the stages trained the base
+    text_only = variant_pipe("text_only", folder)
+    assert all(torch.equal(v, pretrained[k]) for k, v in _unet_fp16(text_only).items())
+    assert all(float(layer.to_out.weight.abs().max()) == 0 for layer in text_only.model.adapter.layers.values())
+
+    dm.build_ablations(("no_stage1",), folder=folder, work_dir=work, recipe=copy.deepcopy(SMALL_FULL), log=quiet)
+    ablation = folder / dm.ABLATIONS / "no_stage1.safetensors"
+    assert dm.is_variant_file(ablation)
+    no_stage1 = variant_pipe("no_stage1", folder)
+    assert any(not torch.equal(v, pretrained[k]) and not torch.equal(v, full[k])
+               for k, v in _unet_fp16(no_stage1).items())  # trained on its own from the pretrained base
+    stored = load_file(str(ablation))
+    assert all(torch.equal(v.to(torch.float16), stored["adapter." + k])
+               for k, v in no_stage1.model.adapter.state_dict().items())
+
+    dm.build(folder, work / "again", copy.deepcopy(SMALL_FULL), phases=("pretrain",), log=quiet)
+    assert not snapshot.exists()  # a new base makes the snapshot of the old one stale
+
+
+def test_adapter_only_recipes_keep_adapter_files_and_the_shared_base(built, tmp_path):
+    import torch
+
+    from instruct_core.evaluation import variant_pipe
+
+    root, _ = built
+    folder, work = copy_of(root, tmp_path)
+    dm.build_ablations(("single:edge_to_image",), folder=folder, work_dir=work, recipe=copy.deepcopy(SMALL),
+                       log=lambda line: None)
+    path = folder / dm.ABLATIONS / "single_edge_to_image.safetensors"
+    assert path.is_file() and not dm.is_variant_file(path)
+    assert not (folder / dm.ABLATIONS / f"{dm.PRETRAINED_BASE}.safetensors").exists()
+    base = _unet_fp16(variant_pipe("full", folder))
+    for variant in ("text_only", "single:edge_to_image"):
+        assert all(torch.equal(v, base[k]) for k, v in _unet_fp16(variant_pipe(variant, folder)).items()), variant
+    with pytest.raises(ValueError, match="single_edge_to_image.safetensors: not a default-model variant"):
+        dm.load_variant(path, device="cpu", folder=folder)

@@ -325,6 +325,11 @@ def test_adapter_files_keep_their_head_dim_and_refuse_a_bad_one(tmp_path):
     save_file(tensors, str(bad), metadata=dict(metadata, adapter_config=json.dumps(dict(config, head_dim=0))))
     with pytest.raises(AdapterError, match="adapter_config.head_dim"):
         load_adapter(bad, unet)
+    negative = tmp_path / "negative.safetensors"
+    save_file(tensors, str(negative),
+              metadata=dict(metadata, adapter_config=json.dumps(dict(config, content_heads=-1))))
+    with pytest.raises(AdapterError, match="adapter_config.content_heads is -1"):
+        load_adapter(negative, unet)
 
 
 @pytest.mark.parametrize("head_dim, num_freqs", [(32, 8), (16, 8), (40, 4)])
@@ -344,3 +349,25 @@ def test_an_untrained_layer_attends_to_the_context_token_at_its_own_place(head_d
     # Sharp: the own place wins by a wide margin over its nearest neighbour.
     second = logits.topk(2, dim=-1).values
     assert float((second[..., 0] - second[..., 1]).min()) * head_dim ** -0.5 > 1.0
+
+
+def test_content_heads_start_without_the_positional_prior_and_travel_with_the_adapter(tmp_path):
+    from instruct_core.context_attention import fourier_positions
+
+    torch.manual_seed(0)
+    unet = tiny_unet(in_channels=4, sample_size=16, channels=(32, 64, 64))
+    model = ContextAugmentedUNet(unet, ContextAdapterConfig(head_dim=32, content_heads=1))
+    positions = fourier_positions(4, 4, model.adapter.config.num_freqs, "cpu", torch.float32)
+    for layer in model.adapter.layers.values():
+        with torch.no_grad():
+            query = layer._split_heads(layer.pos_q(positions)[None])
+            key = layer._split_heads(layer.pos_k(positions)[None])
+            logits = query @ key.transpose(-1, -2)
+        assert torch.equal(logits[0, 0].argmax(dim=-1), torch.arange(16))  # the positional head
+        assert float(logits[0, -1].abs().max()) == 0.0  # the content head: every place alike
+    loaded = load_adapter(save_adapter(model, tmp_path / "content.safetensors"), unet)
+    assert loaded.adapter.config.content_heads == 1
+    for key, layer in loaded.adapter.layers.items():
+        assert torch.equal(layer.pos_q.weight, model.adapter.layers[key].pos_q.weight)
+    with pytest.raises(ValueError, match="content_heads: 3 is more than .* 2 heads"):
+        ContextAugmentedUNet(unet, ContextAdapterConfig(head_dim=32, content_heads=3))
