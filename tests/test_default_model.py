@@ -97,8 +97,8 @@ def test_summary_verdicts_follow_the_intervals():
 
 
 # Semantic consistency that the trained context layers must add, on 12 fixed test examples; the full
-# evaluation (24 examples, 12 steps) measures +0.26 (edge) and +0.31 (mask), this setting +0.34 and +0.27.
-CONTROL_MARGIN = 0.08
+# evaluation (24 examples, 12 steps) measures +0.37 (edge) and +0.46 (mask), this setting +0.37 and +0.37.
+CONTROL_MARGIN = 0.15
 
 
 @pytest.mark.skipif(not EVALUATOR_FILE.is_file(), reason="no evaluator bundled")
