@@ -5,7 +5,7 @@ It is built in three phases, all with this package's own trainer:
   1. stage 1: retrieval-augmented training (neighbours from the base's own encoder),
   2. stage 2: multi-task instruction tuning on the benchmark's in-domain tasks.
 Stages 1 and 2 train the adapter and, as in Instruct-Imagen, the base UNet too (`train_base` per phase): a
-frozen base that never drew a style or a subject cannot learn to from a reference. The pretrained base is
+frozen base draws only what pretraining showed it, plain scenes here. The pretrained base is
 kept beside the model (`ablations/text_only.safetensors`) as the text-only baseline and the start of the
 ablations. `python -m instruct_core build-default` reruns it; the recipe and measured losses are stored
 beside the weights in `default_model/config.json`.
@@ -41,7 +41,7 @@ ARCHITECTURE = {
 # layer starts free of the positional prior, to find a subject or a style anywhere in a reference.
 ADAPTER = {"head_dim": 32, "content_heads": 1}
 
-# About 1 h 45 min on one core of a 2-core CPU (pretraining about 70 min, stage 1 5, stage 2 about 27): a small
+# About 1 h 45 min on one core of a 2-core CPU (pretraining about 70 min, stage 1 about 6, stage 2 about 27): a small
 # UNet seeing many images learns these scenes faster than a wide one seeing few. Pretraining runs until the
 # base reads its text: another example's caption raises its loss by 3% after 1,500 steps, by 17% after 5,100.
 RECIPE = {
@@ -226,6 +226,8 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
         probe = probe_examples(dataset)
         before = trainer.held_out_loss(probe)
         result = trainer.run(resume=True)  # an interrupted build goes on
+        if phase != "pretrain":
+            record_finished(trainer.checkpoint_dir, pipe)
         pipe.base.unet.requires_grad_(False)
         pipe.model.eval()
         losses = result.losses
@@ -248,21 +250,38 @@ RUN_RECORD = "run.json"
 
 def run_identity(name: str, settings: dict, seed: int, pipe, train_base: str) -> dict:
     """What decides a phase's run, its length aside: a longer run of the same identity continues it. Phases
-    that train only the adapter also name the base they build on, so a rebuilt base makes their
-    checkpoints stale (their adapter's start is seeded, or the seeded outcome of the phase before)."""
-    import hashlib
-
+    after pretraining also name the base they start from, so a rebuilt base or earlier phase makes their
+    checkpoints stale (`claim_work_dir` also accepts the base a finished run of the phase left)."""
     adapter = pipe.model.adapter
     identity = {"phase": name, "seed": seed, "settings": {k: v for k, v in settings.items() if k != "steps"},
                 "architecture": ARCHITECTURE, "adapter": dict(adapter.config.to_dict(), levels=list(adapter.levels))}
-    if train_base == "adapter":
-        digest = hashlib.sha256()
-        for key, value in sorted(pipe.base.unet.state_dict().items()):
-            digest.update(key.encode())
-            # rounded as the saved model stores it, so a build restarted from its folder matches
-            digest.update(value.detach().cpu().to(torch.float16).contiguous().numpy().tobytes())
-        identity["base_sha256"] = digest.hexdigest()
+    if name != "pretrain":
+        identity["base_sha256"] = base_digest(pipe)
     return identity
+
+
+def base_digest(pipe) -> str:
+    """sha256 of the base UNet's weights, rounded as the saved model stores them (fp16), so a build restarted
+    from its folder matches."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key, value in sorted(pipe.base.unet.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().to(torch.float16).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def record_finished(checkpoint_dir: Path, pipe) -> None:
+    """Note in the run's record the base its phase ended with: a later, longer recipe starts from the saved
+    model, whose base the phase itself has trained, and must still continue these checkpoints."""
+    record = checkpoint_dir.parent / RUN_RECORD
+    stored = json.loads(record.read_text())
+    stored[FINISHED_BASE] = base_digest(pipe)
+    record.write_text(json.dumps(stored, indent=2, sort_keys=True))
+
+
+FINISHED_BASE = "finished_base_sha256"
 
 
 def claim_work_dir(checkpoint_dir: Path, identity: dict) -> None:
@@ -277,6 +296,9 @@ def claim_work_dir(checkpoint_dir: Path, identity: dict) -> None:
             raise TrainingError(f"{checkpoint_dir.parent}: holds checkpoints of an unrecorded run; remove the folder "
                                 f"or choose another work folder")
         stored = json.loads(record.read_text())
+        finished = stored.pop(FINISHED_BASE, None)
+        if finished is not None and identity.get("base_sha256") == finished:
+            stored["base_sha256"] = finished  # the saved model is this run's own result: extend it
         differs = sorted(k for k in identity.keys() | stored.keys() if identity.get(k) != stored.get(k))
         if differs:
             raise TrainingError(f"{checkpoint_dir.parent}: holds checkpoints of a run with other "
@@ -335,7 +357,7 @@ def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subje
         pipe = InstructImagen(pipe.base, fresh)
         settings = dict(recipe["stage2"])
         train_base = settings.get("train_base", "adapter")
-        if variant == "no_stage1":  # the adapter budget of stage 1 + stage 2, all spent on stage 2
+        if variant == "no_stage1":  # the budget of stage 1 + stage 2, all spent on stage 2
             mix = BENCH_MIX
             settings["steps"] = recipe["stage1"]["steps"] + recipe["stage2"]["steps"]
         else:

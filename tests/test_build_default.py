@@ -92,8 +92,7 @@ def test_the_cli_refuses_a_foreign_work_folder_with_exit_code_2(built, tmp_path,
     code = main(["build-default", "--phases", "stage2", "--scale", "0.001", "--out", str(folder),
                  "--work-dir", str(work)])
     assert code == 2
-    # the bundled recipe trains the base in stage 2: its record names no base digest, where SMALL's does
-    assert "holds checkpoints of a run with other base_sha256, settings;" in capsys.readouterr().err
+    assert "holds checkpoints of a run with other settings;" in capsys.readouterr().err
     assert (work / "stage2" / "checkpoints").is_dir()  # nothing of the earlier run was removed
 
 
@@ -159,3 +158,21 @@ def test_adapter_only_recipes_keep_adapter_files_and_the_shared_base(built, tmp_
         assert all(torch.equal(v, base[k]) for k, v in _unet_fp16(variant_pipe(variant, folder)).items()), variant
     with pytest.raises(ValueError, match="single_edge_to_image.safetensors: not a default-model variant"):
         dm.load_variant(path, device="cpu", folder=folder)
+
+
+def test_a_stage_that_trains_the_base_continues_its_own_result_and_refuses_a_rebuilt_start(tmp_path):
+    import torch
+
+    folder, work, quiet = tmp_path / "model", tmp_path / "work", lambda line: None
+    dm.build(folder, work, copy.deepcopy(SMALL_FULL), log=quiet)
+    longer = copy.deepcopy(SMALL_FULL)
+    longer["stage2"]["steps"] = 5
+    # the saved model's base is stage 2's own result, which its record names: the longer run goes on
+    assert dm.build(folder, work, longer, phases=("stage2",), log=quiet)["phases"]["stage2"]["steps"] == 5
+    pipe = dm.load_default(device="cpu", folder=folder)
+    with torch.no_grad():  # as if stage 1 had been rerun differently
+        pipe.base.unet.conv_in.weight.add_(0.01)
+    dm.save_default(pipe, folder)
+    longer["stage2"]["steps"] = 7
+    with pytest.raises(TrainingError, match="other base_sha256"):
+        dm.build(folder, work, longer, phases=("stage2",), log=quiet)
