@@ -76,23 +76,32 @@ def build_default_base(seed: int = 0, architecture: dict = ARCHITECTURE):
                      source="default")
 
 
+def _fp16_weights(modules) -> dict:
+    """State dicts of (prefix, module) pairs in one flat dict, floating tensors as fp16, base LoRA left out."""
+    return {prefix + name: value.detach().cpu().to(torch.float16 if value.is_floating_point() else value.dtype)
+            .contiguous() for prefix, module in modules for name, value in module.state_dict().items()
+            if ".lora_" not in name}
+
+
+def _adapter_config(pipe) -> dict:
+    config = pipe.model.adapter.config.to_dict()
+    config["levels"] = list(pipe.model.adapter.levels)
+    return config
+
+
+def _save_atomically(tensors: dict, path: Path, metadata: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
 def save_default(pipe, folder: Path = DEFAULT_DIR, info: dict | None = None) -> Path:
     """Weights (fp16: UNet, text encoder, adapter) and config.json; both written atomically."""
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for prefix, module in (("unet.", pipe.base.unet), ("text_encoder.", pipe.base.text_encoders[0]),
-                           ("adapter.", pipe.model.adapter)):
-        for name, value in module.state_dict().items():
-            if ".lora_" in name:
-                continue
-            tensors[prefix + name] = value.detach().cpu().to(torch.float16 if value.is_floating_point()
-                                                            else value.dtype).contiguous()
-    adapter_config = pipe.model.adapter.config.to_dict()
-    adapter_config["levels"] = list(pipe.model.adapter.levels)
-    config = {"architecture": ARCHITECTURE, "adapter_config": adapter_config, **(info or {})}
-    tmp = folder / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "instruct-imagen-default-model", "format_version": "1"})
-    tmp.replace(folder / WEIGHTS)
+    tensors = _fp16_weights((("unet.", pipe.base.unet), ("text_encoder.", pipe.base.text_encoders[0]),
+                             ("adapter.", pipe.model.adapter)))
+    config = {"architecture": ARCHITECTURE, "adapter_config": _adapter_config(pipe), **(info or {})}
+    _save_atomically(tensors, folder / WEIGHTS, {"format": "instruct-imagen-default-model", "format_version": "1"})
     (folder / "config.json.tmp").write_text(json.dumps(config, indent=2))
     (folder / "config.json.tmp").replace(folder / "config.json")
     return folder / WEIGHTS
@@ -131,16 +140,14 @@ def save_variant(pipe, path: Path, info: dict | None = None, with_adapter: bool 
     False: an untrained one) its adapter, fp16, in one file. The frozen text encoder is the default model's."""
     path.parent.mkdir(parents=True, exist_ok=True)
     modules = [("unet.", pipe.base.unet)] + ([("adapter.", pipe.model.adapter)] if with_adapter else [])
-    tensors = {prefix + name: value.detach().cpu().to(torch.float16 if value.is_floating_point() else value.dtype)
-               .contiguous() for prefix, module in modules for name, value in module.state_dict().items()
-               if ".lora_" not in name}
-    adapter_config = pipe.model.adapter.config.to_dict()
-    adapter_config["levels"] = list(pipe.model.adapter.levels)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": VARIANT_FORMAT, "adapter_config": json.dumps(adapter_config),
-                                           "info": json.dumps(info or {})})
-    tmp.replace(path)
+    _save_atomically(_fp16_weights(modules), path, {"format": VARIANT_FORMAT, "info": json.dumps(info or {}),
+                                                    "adapter_config": json.dumps(_adapter_config(pipe))})
     return path
+
+
+def pretrained_base_file(folder: Path = DEFAULT_DIR) -> Path:
+    """Where a build whose stages train the base keeps the base as pretraining left it."""
+    return folder / ABLATIONS / f"{PRETRAINED_BASE}.safetensors"
 
 
 def is_variant_file(path: Path) -> bool:
@@ -192,7 +199,7 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
     from .training import Trainer
 
     seed = recipe["seed"]
-    pretrained_base = folder / ABLATIONS / f"{PRETRAINED_BASE}.safetensors"
+    pretrained_base = pretrained_base_file(folder)
     if "pretrain" in phases:
         base = build_default_base(seed)
         pipe = InstructImagen(base, ContextAugmentedUNet(base.unet, ContextAdapterConfig(**ADAPTER)))
@@ -348,7 +355,7 @@ def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subje
     config = json.loads((folder / "config.json").read_text())
     size = ARCHITECTURE["unet"]["sample_size"]
     measured = {}
-    pretrained_base = folder / ABLATIONS / f"{PRETRAINED_BASE}.safetensors"
+    pretrained_base = pretrained_base_file(folder)
     for variant in variants:
         # with no snapshot, stages 1 and 2 left the base as it was pretrained
         pipe = (load_variant(pretrained_base, device="cpu", folder=folder) if pretrained_base.is_file()

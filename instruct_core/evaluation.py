@@ -44,18 +44,17 @@ class EvalSettings:
 def variant_pipe(variant: str, folder: Path = DEFAULT_DIR):
     """An InstructImagen for an evaluation variant of the default model in `folder`."""
     from .context_unet import ContextAdapterConfig
-    from .default_model import ABLATIONS, PRETRAINED_BASE, is_variant_file, load_default, load_variant
+    from .default_model import ABLATIONS, is_variant_file, load_default, load_variant, pretrained_base_file
 
     if variant == "full":
         return load_default(device="cpu", folder=folder)
-    ablations = folder / ABLATIONS
     if variant == "text_only":
-        pretrained = ablations / f"{PRETRAINED_BASE}.safetensors"
+        pretrained = pretrained_base_file(folder)
         if pretrained.is_file():  # stages 1 and 2 trained the base too: the pretrained one, untrained adapter
             return load_variant(pretrained, device="cpu", folder=folder)
         config = json.loads((folder / "config.json").read_text())["adapter_config"]
         return load_default(device="cpu", adapter_config=ContextAdapterConfig.from_dict(config), folder=folder)
-    path = ablations / f"{variant.replace(':', '_')}.safetensors"
+    path = folder / ABLATIONS / f"{variant.replace(':', '_')}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"variant {variant}: {path} is missing; run `python -m instruct_core build-default "
                                 f"--ablations` first")

@@ -116,7 +116,7 @@ def test_stages_that_train_the_base_keep_the_pretrained_one_as_the_text_only_bas
     folder, work, quiet = tmp_path / "model", tmp_path / "work", lambda line: None
     dm.build(folder, work, copy.deepcopy(SMALL_FULL), phases=("pretrain",), log=quiet)
     pretrained = _unet_fp16(dm.load_default(device="cpu", folder=folder))
-    snapshot = folder / dm.ABLATIONS / f"{dm.PRETRAINED_BASE}.safetensors"
+    snapshot = dm.pretrained_base_file(folder)
     assert not snapshot.exists()
     dm.build(folder, work, copy.deepcopy(SMALL_FULL), phases=("stage1", "stage2"), log=quiet)
 
@@ -152,7 +152,7 @@ def test_adapter_only_recipes_keep_adapter_files_and_the_shared_base(built, tmp_
                        log=lambda line: None)
     path = folder / dm.ABLATIONS / "single_edge_to_image.safetensors"
     assert path.is_file() and not dm.is_variant_file(path)
-    assert not (folder / dm.ABLATIONS / f"{dm.PRETRAINED_BASE}.safetensors").exists()
+    assert not dm.pretrained_base_file(folder).exists()
     base = _unet_fp16(variant_pipe("full", folder))
     for variant in ("text_only", "single:edge_to_image"):
         assert all(torch.equal(v, base[k]) for k, v in _unet_fp16(variant_pipe(variant, folder)).items()), variant
