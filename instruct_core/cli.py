@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", default=None, help="folder for the model (default: the package's default_model/)")
     build.add_argument("--work-dir", default="runs/default_model", help="checkpoints and logs")
     build.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps (e.g. 0.01 to try)")
-    build.add_argument("--phases", default="pretrain,stage1,stage2,evaluator",
-                       help="comma-separated: pretrain, stage1, stage2, evaluator, ablations")
+    build.add_argument("--phases", default="pretrain,stage1,stage2,stage2_focus,evaluator",
+                       help="comma-separated: pretrain, stage1, stage2, stage2_focus, evaluator, ablations "
+                            "(training phases run in that order)")
 
     evaluate = commands.add_parser("eval", help="score models on the procedural benchmark; writes docs/RESULTS.md")
     evaluate.add_argument("--variants", default="full,no_stage1,text_only,single:edge_to_image,single:subject")
@@ -254,23 +255,23 @@ def run_train(args) -> int:
 def run_build_default(args) -> int:
     import copy
 
-    from .default_model import DEFAULT_DIR, RECIPE, build
+    from .default_model import DEFAULT_DIR, RECIPE, TRAINING_PHASES, build
 
     if args.scale <= 0:
         raise UsageError(f"--scale: {args.scale} must be positive")
     recipe = copy.deepcopy(RECIPE)
-    for phase in ("pretrain", "stage1", "stage2"):
+    for phase in TRAINING_PHASES:
         recipe[phase]["steps"] = max(1, round(recipe[phase]["steps"] * args.scale))
     recipe["single_task_steps"] = max(1, round(recipe["single_task_steps"] * args.scale))
     from .default_model import build_ablations, build_evaluator
 
     folder = Path(args.out) if args.out else DEFAULT_DIR
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    unknown = sorted(set(phases) - {"pretrain", "stage1", "stage2", "evaluator", "ablations"})
+    unknown = sorted(set(phases) - {*TRAINING_PHASES, "evaluator", "ablations"})
     if unknown:
         raise UsageError(f"--phases: unknown phase {unknown[0]!r}")
     log = lambda line: print(line, flush=True)
-    training = tuple(p for p in phases if p in ("pretrain", "stage1", "stage2"))
+    training = tuple(p for p in TRAINING_PHASES if p in phases)
     if training:
         build(folder, Path(args.work_dir), recipe, phases=training, log=log)
     if "evaluator" in phases:

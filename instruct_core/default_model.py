@@ -44,13 +44,24 @@ ADAPTER = {"head_dim": 32, "content_heads": 1}
 # About 1 h 45 min on one core of a 2-core CPU (pretraining about 70 min, stage 1 about 6, stage 2 about 27): a small
 # UNet seeing many images learns these scenes faster than a wide one seeing few. Pretraining runs until the
 # base reads its text: another example's caption raises its loss by 3% after 1,500 steps, by 17% after 5,100.
+# Stage 2 ends on the tasks that take content from a reference rather than a layout at the query's own place;
+# a little of every control and of text-to-image stays in, so those are not forgotten.
+FOCUS_MIX = {"subject": 0.30, "styled_generation": 0.22, "style_transfer": 0.22, "inpainting": 0.12,
+             "text_to_image": 0.04, "edge_to_image": 0.025, "sketch_to_image": 0.025, "mask_to_image": 0.025,
+             "depth_to_image": 0.025}
+
 RECIPE = {
     "seed": 0,
     "pretrain": {"steps": 5100, "batch_size": 16, "lr": 6e-4, "warmup_steps": 100},
     "stage1": {"steps": 200, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "items": 2000, "train_base": "full"},
     "stage2": {"steps": 1600, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "train_base": "full"},
+    "stage2_focus": {"steps": 600, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "train_base": "full",
+                     "mix": FOCUS_MIX},
     "single_task_steps": 200,  # the single-task ablations' budget
 }
+
+STAGE2_PHASES = ("stage2", "stage2_focus")
+TRAINING_PHASES = ("pretrain", "stage1", *STAGE2_PHASES)
 
 ABLATIONS = "ablations"
 # The pretrained base, before stages 1 and 2 trained it: the text-only baseline and the ablations' start.
@@ -190,15 +201,20 @@ def _trainer_config(phase: dict, output_dir: Path, seed: int, train_base: str):
 
 
 def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"), recipe: dict = RECIPE,
-          phases: tuple[str, ...] = ("pretrain", "stage1", "stage2"), progress=None, log=print) -> dict:
-    """Train the default model from scratch and save it; returns what was measured."""
-    from .bench_tasks import BENCH_MIX, BenchmarkTaskDataset, stage1_items
+          phases: tuple[str, ...] | None = None, progress=None, log=print) -> dict:
+    """Train the default model from scratch and save it; returns what was measured. `phases` (default: every
+    training phase the recipe has) run in their fixed order; later phases continue from the saved model."""
+    from .bench_tasks import BenchmarkTaskDataset, stage1_items
     from .context_unet import ContextAdapterConfig, ContextAugmentedUNet
     from .pipeline import InstructImagen
     from .retrieval import ModelEmbedder, RetrievalExamples, build_index, form_clusters
     from .training import Trainer
 
     seed = recipe["seed"]
+    phases = tuple(p for p in TRAINING_PHASES if p in (recipe if phases is None else phases))
+    missing = [p for p in phases if p not in recipe]
+    if missing:
+        raise ValueError(f"recipe: no settings for phase {missing[0]!r}")
     pretrained_base = pretrained_base_file(folder)
     if "pretrain" in phases:
         base = build_default_base(seed)
@@ -222,11 +238,12 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
             dataset = RetrievalExamples(items, clusters, num_context=3, seed=seed)
             train_base = settings.get("train_base", "adapter")
         else:
-            dataset = BenchmarkTaskDataset(BENCH_MIX, length=100_000, seed=seed + 1, size=size)
+            dataset = instruction_dataset(phase, settings, seed)
             train_base = settings.get("train_base", "adapter")
         config = _trainer_config(settings, work_dir / phase, seed, train_base)
         trainer = Trainer(config, pipe, dataset, progress=progress)
-        claim_work_dir(trainer.checkpoint_dir, run_identity(phase, settings, seed, pipe, train_base))
+        later_runs = [work_dir / name / RUN_RECORD for name in TRAINING_PHASES[TRAINING_PHASES.index(phase) + 1:]]
+        claim_work_dir(trainer.checkpoint_dir, run_identity(phase, settings, seed, pipe, train_base), later_runs)
         if phase != "pretrain" and train_base != "adapter" and not pretrained_base.is_file():
             # the last moment the base is as pretraining left it
             save_variant(pipe, pretrained_base, {"variant": PRETRAINED_BASE}, with_adapter=False)
@@ -250,6 +267,14 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
         if phase == "pretrain":  # a new base: the old snapshot of it is stale
             pretrained_base.unlink(missing_ok=True)
     return measured
+
+
+def instruction_dataset(phase: str, settings: dict, seed: int):
+    """A stage-2 phase's examples: its task mix (the benchmark's own by default); each phase draws its own."""
+    from .bench_tasks import BENCH_MIX, BenchmarkTaskDataset
+
+    return BenchmarkTaskDataset(settings.get("mix", BENCH_MIX), length=100_000,
+                                seed=seed + 1 + STAGE2_PHASES.index(phase), size=ARCHITECTURE["unet"]["sample_size"])
 
 
 RUN_RECORD = "run.json"
@@ -291,9 +316,20 @@ def record_finished(checkpoint_dir: Path, pipe) -> None:
 FINISHED_BASE = "finished_base_sha256"
 
 
-def claim_work_dir(checkpoint_dir: Path, identity: dict) -> None:
+def _base_before(later_runs: list[Path], digest: str | None) -> str | None:
+    """Walk back from the saved model's base through finished later runs, each to the base it started from."""
+    for record in reversed(list(later_runs)):
+        stored = json.loads(record.read_text()) if record.is_file() else {}
+        if digest is not None and stored.get(FINISHED_BASE) == digest:
+            digest = stored.get("base_sha256")
+    return digest
+
+
+def claim_work_dir(checkpoint_dir: Path, identity: dict, later_runs: list[Path] = ()) -> None:
     """Refuse to continue checkpoints that another run left in a work folder (a build resumes whatever it
-    finds there); record this run's identity for the next resume."""
+    finds there); record this run's identity for the next resume. `later_runs` are the run records of the
+    phases after this one: when the saved model is this run's result carried on by finished runs of those,
+    extending this run is still its own continuation (and those later runs become stale)."""
     from .checkpointing import list_checkpoints
     from .training import TrainingError
 
@@ -304,8 +340,8 @@ def claim_work_dir(checkpoint_dir: Path, identity: dict) -> None:
                                 f"or choose another work folder")
         stored = json.loads(record.read_text())
         finished = stored.pop(FINISHED_BASE, None)
-        if finished is not None and identity.get("base_sha256") == finished:
-            stored["base_sha256"] = finished  # the saved model is this run's own result: extend it
+        if finished is not None and _base_before(later_runs, identity.get("base_sha256")) == finished:
+            stored["base_sha256"] = identity["base_sha256"]  # the saved model grew from this run's result
         differs = sorted(k for k in identity.keys() | stored.keys() if identity.get(k) != stored.get(k))
         if differs:
             raise TrainingError(f"{checkpoint_dir.parent}: holds checkpoints of a run with other "
@@ -344,41 +380,47 @@ def build_evaluator(folder: Path = DEFAULT_DIR, seed: int = 0, steps: int = 1200
 def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subject"), folder: Path = DEFAULT_DIR,
                     work_dir: Path = Path("runs/default_model"), recipe: dict = RECIPE, log=print) -> dict:
     """The evaluation's ablations, each trained from the default model's pretrained base: an adapter file
-    when the recipe's stage 2 trains the adapter alone, a variant file (`save_variant`) when it trains the
-    base too."""
-    from .bench_tasks import BENCH_MIX, BenchmarkTaskDataset
+    when the recipe trains the adapter alone, a variant file (`save_variant`) when it trains the base too.
+    `no_stage1` spends stage 1's steps on stage 2 and then runs the same focus phase as the full model."""
     from .context_unet import ContextAdapterConfig, ContextAugmentedUNet
     from .adapter_io import save_adapter
     from .pipeline import InstructImagen
     from .training import Trainer
 
     config = json.loads((folder / "config.json").read_text())
-    size = ARCHITECTURE["unet"]["sample_size"]
     measured = {}
     pretrained_base = pretrained_base_file(folder)
+    seed = recipe["seed"]
     for variant in variants:
         # with no snapshot, stages 1 and 2 left the base as it was pretrained
         pipe = (load_variant(pretrained_base, device="cpu", folder=folder) if pretrained_base.is_file()
                 else load_default(device="cpu", folder=folder))
-        fresh = ContextAugmentedUNet(pipe.base.unet, ContextAdapterConfig.from_dict(config["adapter_config"]))
-        pipe = InstructImagen(pipe.base, fresh)
-        settings = dict(recipe["stage2"])
-        train_base = settings.get("train_base", "adapter")
-        if variant == "no_stage1":  # the budget of stage 1 + stage 2, all spent on stage 2
-            mix = BENCH_MIX
-            settings["steps"] = recipe["stage1"]["steps"] + recipe["stage2"]["steps"]
+        fresh = ContextAdapterConfig.from_dict(config["adapter_config"])
+        pipe = InstructImagen(pipe.base, ContextAugmentedUNet(pipe.base.unet, fresh))
+        name = variant.replace(":", "_")
+        if variant == "no_stage1":
+            runs = [("stage2", name, dict(recipe["stage2"],
+                                          steps=recipe["stage1"]["steps"] + recipe["stage2"]["steps"]))]
+            if "stage2_focus" in recipe:
+                runs.append(("stage2_focus", f"{name}_focus", dict(recipe["stage2_focus"])))
         else:
-            mix = {variant.split(":", 1)[1]: 1.0}
-            settings["steps"] = recipe["single_task_steps"]
-        dataset = BenchmarkTaskDataset(mix, length=100_000, seed=recipe["seed"] + 1, size=size)
-        trainer = Trainer(_trainer_config(settings, work_dir / variant.replace(":", "_"), recipe["seed"], train_base),
-                          pipe, dataset)
-        claim_work_dir(trainer.checkpoint_dir, run_identity(variant, settings, recipe["seed"], pipe, train_base))
-        result = trainer.run(resume=True)  # an interrupted ablation goes on
-        path = folder / ABLATIONS / f"{variant.replace(':', '_')}.safetensors"
-        info = {"variant": variant, "trained_steps": result.step}
-        path = save_adapter(pipe.model, path, info) if train_base == "adapter" else save_variant(pipe, path, info)
-        measured[variant] = {"steps": result.step, "seconds": round(result.report["train_seconds"], 1),
+            runs = [("stage2", name, dict(recipe["stage2"], steps=recipe["single_task_steps"],
+                                          mix={variant.split(":", 1)[1]: 1.0}))]
+        steps, seconds, trains_base = [], 0.0, False
+        for phase, run_name, settings in runs:
+            train_base = settings.get("train_base", "adapter")
+            trains_base |= train_base != "adapter"
+            trainer = Trainer(_trainer_config(settings, work_dir / run_name, seed, train_base), pipe,
+                              instruction_dataset(phase, settings, seed))
+            claim_work_dir(trainer.checkpoint_dir, run_identity(run_name, settings, seed, pipe, train_base))
+            result = trainer.run(resume=True)  # an interrupted ablation goes on
+            record_finished(trainer.checkpoint_dir, pipe)
+            steps.append(result.step)
+            seconds += result.report["train_seconds"]
+        path = folder / ABLATIONS / f"{name}.safetensors"
+        info = {"variant": variant, "trained_steps": sum(steps), "phase_steps": steps}
+        path = save_variant(pipe, path, info) if trains_base else save_adapter(pipe.model, path, info)
+        measured[variant] = {"steps": sum(steps), "seconds": round(seconds, 1),
                              "loss_last_50": round(sum(result.losses[-50:]) / max(1, len(result.losses[-50:])), 5)}
         log(f"{variant}: {measured[variant]} -> {path.name}")
     return measured

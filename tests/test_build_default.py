@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from instruct_core import default_model as dm
+from instruct_core.bench_tasks import BENCH_MIX
 from instruct_core.cli import main
 from instruct_core.training import TrainingError
 
@@ -17,6 +18,8 @@ SMALL = {
     "pretrain": {"steps": 3, "batch_size": 4, "lr": 6e-4, "warmup_steps": 1},
     "stage1": {"steps": 2, "batch_size": 2, "lr": 3e-4, "warmup_steps": 1, "items": 48},
     "stage2": {"steps": 3, "batch_size": 2, "lr": 3e-4, "warmup_steps": 1},
+    "stage2_focus": {"steps": 2, "batch_size": 2, "lr": 3e-4, "warmup_steps": 1,
+                     "mix": {"subject": 0.5, "style_transfer": 0.5}},
     "single_task_steps": 2,
 }
 
@@ -41,7 +44,7 @@ def test_a_build_saves_a_loadable_model_and_what_each_phase_measured(built):
     config = json.loads((root / "model" / "config.json").read_text())
     assert config["build"]["recipe"] == SMALL
     assert config["adapter_config"]["head_dim"] == dm.ADAPTER["head_dim"]
-    for phase in ("pretrain", "stage1", "stage2"):
+    for phase in dm.TRAINING_PHASES:
         record = measured["phases"][phase]
         assert record["steps"] == SMALL[phase]["steps"] and record["seconds"] > 0, phase
         assert (root / "work" / phase / dm.RUN_RECORD).is_file(), phase
@@ -98,7 +101,8 @@ def test_the_cli_refuses_a_foreign_work_folder_with_exit_code_2(built, tmp_path,
 
 # Stages 1 and 2 train the base too, as the bundled recipe does.
 SMALL_FULL = copy.deepcopy(SMALL)
-SMALL_FULL["stage1"]["train_base"] = SMALL_FULL["stage2"]["train_base"] = "full"
+for _phase in ("stage1", *dm.STAGE2_PHASES):
+    SMALL_FULL[_phase]["train_base"] = "full"
 
 
 def _unet_fp16(pipe):
@@ -109,6 +113,7 @@ def _unet_fp16(pipe):
 
 def test_stages_that_train_the_base_keep_the_pretrained_one_as_the_text_only_baseline(tmp_path):
     import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from instruct_core.evaluation import variant_pipe
@@ -118,7 +123,7 @@ def test_stages_that_train_the_base_keep_the_pretrained_one_as_the_text_only_bas
     pretrained = _unet_fp16(dm.load_default(device="cpu", folder=folder))
     snapshot = dm.pretrained_base_file(folder)
     assert not snapshot.exists()
-    dm.build(folder, work, copy.deepcopy(SMALL_FULL), phases=("stage1", "stage2"), log=quiet)
+    dm.build(folder, work, copy.deepcopy(SMALL_FULL), phases=("stage1", "stage2", "stage2_focus"), log=quiet)
 
     assert dm.is_variant_file(snapshot) and not any(k.startswith("adapter.") for k in load_file(str(snapshot)))
     full = _unet_fp16(variant_pipe("full", folder))
@@ -133,6 +138,9 @@ def test_stages_that_train_the_base_keep_the_pretrained_one_as_the_text_only_bas
     no_stage1 = variant_pipe("no_stage1", folder)
     assert any(not torch.equal(v, pretrained[k]) and not torch.equal(v, full[k])
                for k, v in _unet_fp16(no_stage1).items())  # trained on its own from the pretrained base
+    steps = [SMALL_FULL["stage1"]["steps"] + SMALL_FULL["stage2"]["steps"], SMALL_FULL["stage2_focus"]["steps"]]
+    with safe_open(str(ablation), framework="pt") as handle:  # stage 2 on stage 1's budget, then the focus
+        assert json.loads(handle.metadata()["info"])["phase_steps"] == steps
     stored = load_file(str(ablation))
     assert all(torch.equal(v.to(torch.float16), stored["adapter." + k])
                for k, v in no_stage1.model.adapter.state_dict().items())
@@ -167,8 +175,15 @@ def test_a_stage_that_trains_the_base_continues_its_own_result_and_refuses_a_reb
     dm.build(folder, work, copy.deepcopy(SMALL_FULL), log=quiet)
     longer = copy.deepcopy(SMALL_FULL)
     longer["stage2"]["steps"] = 5
-    # the saved model's base is stage 2's own result, which its record names: the longer run goes on
+    # the saved model's base is the focus phase's result on stage 2's own: the longer stage 2 goes on from its
+    # checkpoints, and the focus run that started from the shorter one is stale
     assert dm.build(folder, work, longer, phases=("stage2",), log=quiet)["phases"]["stage2"]["steps"] == 5
+    with pytest.raises(TrainingError, match=r"stage2_focus: holds checkpoints of a run with other base_sha256"):
+        dm.build(folder, work, longer, phases=("stage2_focus",), log=quiet)
+    shutil.rmtree(work / "stage2_focus")
+    assert dm.build(folder, work, longer, phases=("stage2_focus",), log=quiet)["phases"]["stage2_focus"]["steps"] == 2
+    longer["stage2_focus"]["steps"] = 4  # the focus phase extends its own result too
+    assert dm.build(folder, work, longer, phases=("stage2_focus",), log=quiet)["phases"]["stage2_focus"]["steps"] == 4
     pipe = dm.load_default(device="cpu", folder=folder)
     with torch.no_grad():  # as if stage 1 had been rerun differently
         pipe.base.unet.conv_in.weight.add_(0.01)
@@ -176,3 +191,14 @@ def test_a_stage_that_trains_the_base_continues_its_own_result_and_refuses_a_reb
     longer["stage2"]["steps"] = 7
     with pytest.raises(TrainingError, match="other base_sha256"):
         dm.build(folder, work, longer, phases=("stage2",), log=quiet)
+
+
+def test_the_focus_phase_trains_on_its_own_mix_and_a_recipe_names_every_phase_it_runs(tmp_path):
+    focus = dm.instruction_dataset("stage2_focus", SMALL["stage2_focus"], seed=0)
+    assert {focus.example(i).task for i in range(40)} == {"subject", "style_transfer"}
+    stage2 = dm.instruction_dataset("stage2", SMALL["stage2"], seed=0)
+    total = sum(BENCH_MIX.values())
+    assert stage2.weights == pytest.approx({k: v / total for k, v in BENCH_MIX.items()}) and stage2.seed != focus.seed
+    no_focus = {k: v for k, v in SMALL.items() if k != "stage2_focus"}
+    with pytest.raises(ValueError, match="recipe: no settings for phase 'stage2_focus'"):
+        dm.build(tmp_path / "model", tmp_path / "work", no_focus, phases=("stage2_focus",), log=lambda line: None)
