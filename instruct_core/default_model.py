@@ -3,7 +3,8 @@
 It is built in three phases, all with this package's own trainer:
   0. text-to-image pretraining of the base UNet (the text encoder is a small, frozen, seeded CLIP),
   1. stage 1: retrieval-augmented training (neighbours from the base's own encoder),
-  2. stage 2: multi-task instruction tuning on the benchmark's in-domain tasks.
+  2. stage 2: multi-task instruction tuning on the benchmark's in-domain tasks, ending with a focus phase
+     (`stage2_focus`) on the tasks that take content rather than a layout from a reference.
 Stages 1 and 2 train the adapter and, as in Instruct-Imagen, the base UNet too (`train_base` per phase): a
 frozen base draws only what pretraining showed it, plain scenes here. The pretrained base is
 kept beside the model (`ablations/text_only.safetensors`) as the text-only baseline and the start of the
@@ -55,7 +56,7 @@ RECIPE = {
     "pretrain": {"steps": 5100, "batch_size": 16, "lr": 6e-4, "warmup_steps": 100},
     "stage1": {"steps": 200, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "items": 2000, "train_base": "full"},
     "stage2": {"steps": 1600, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "train_base": "full"},
-    "stage2_focus": {"steps": 600, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "train_base": "full",
+    "stage2_focus": {"steps": 1200, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "train_base": "full",
                      "mix": FOCUS_MIX},
     "single_task_steps": 200,  # the single-task ablations' budget
 }
@@ -205,6 +206,7 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
     """Train the default model from scratch and save it; returns what was measured. `phases` (default: every
     training phase the recipe has) run in their fixed order; later phases continue from the saved model."""
     from .bench_tasks import BenchmarkTaskDataset, stage1_items
+    from .checkpointing import list_checkpoints
     from .context_unet import ContextAdapterConfig, ContextAugmentedUNet
     from .pipeline import InstructImagen
     from .retrieval import ModelEmbedder, RetrievalExamples, build_index, form_clusters
@@ -248,7 +250,9 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
             # the last moment the base is as pretraining left it
             save_variant(pipe, pretrained_base, {"variant": PRETRAINED_BASE}, with_adapter=False)
         probe = probe_examples(dataset)
-        before = trainer.held_out_loss(probe)
+        earlier = measured["phases"].get(phase) if list_checkpoints(trainer.checkpoint_dir) else None
+        # a finished phase run longer starts from its own result: its loss before is the first run's
+        before = earlier["probe_loss_before"] if earlier else trainer.held_out_loss(probe)
         result = trainer.run(resume=True)  # an interrupted build goes on
         if phase != "pretrain":
             record_finished(trainer.checkpoint_dir, pipe)

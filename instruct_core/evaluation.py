@@ -1,8 +1,9 @@
 """The benchmark evaluation behind docs/RESULTS.md: every task, in-domain and zero-shot, for several models.
 
 Models ("variants"), all starting from the default model's pretrained base:
-    full          pretraining + stage 1 + stage 2 (the bundled default model)
-    no_stage1     stage 2 only (the paper's ablation of retrieval-augmented training)
+    full          pretraining + stage 1 + stage 2 and its focus phase (the bundled default model)
+    no_stage1     stage 2 (on stage 1's budget too) and the same focus phase: the paper's ablation of
+                  retrieval-augmented training
     text_only     the pretrained base with no trained adapter: it follows the text alone (context layers
                   start at zero)
     single:<task> stage 2 on one task only (a one-task mix)
@@ -57,7 +58,7 @@ def variant_pipe(variant: str, folder: Path = DEFAULT_DIR):
     path = folder / ABLATIONS / f"{variant.replace(':', '_')}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"variant {variant}: {path} is missing; run `python -m instruct_core build-default "
-                                f"--ablations` first")
+                                f"--phases ablations` first")
     if is_variant_file(path):
         return load_variant(path, device="cpu", folder=folder)
     return load_default(device="cpu", adapter=str(path), folder=folder)
@@ -267,9 +268,10 @@ def write_results(results: dict, settings: EvalSettings, in_domain: list[str], z
         "Instruct-Imagen.",
         "",
         "Models, each starting from the same pretrained base: **full** = the bundled default model (pretraining + "
-        "stage 1 + stage 2); **no_stage1** = stage 2 only; **text_only** = the pretrained base with an untrained "
-        "adapter (it follows the text alone); **single_*** = stage 2 on one task. Stages 1 and 2 train the "
-        "adapter and the base UNet as the recipe says (`train_base`, in the build below).",
+        "stage 1 + stage 2, which ends with a focus phase on the subject, style and inpainting tasks); **no_stage1** "
+        "= stage 2 alone, given stage 1's steps too, with the same focus phase; **text_only** = the pretrained "
+        "base with an untrained adapter (it follows the text alone); **single_*** = stage 2 on one task. Stages "
+        "1 and 2 train the adapter and the base UNet as the recipe says (`train_base`, in the build below).",
         "",
         "## The full model against its baselines",
         "",

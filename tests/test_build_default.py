@@ -61,6 +61,8 @@ def test_a_longer_run_of_the_same_phase_continues_its_checkpoints(built, tmp_pat
     assert again["steps"] == 5
     # the time of the first three steps is carried over from their checkpoint
     assert again["seconds"] > measured["phases"]["stage2"]["seconds"]
+    # and its loss before is the first run's, not that of the weights it left
+    assert again["probe_loss_before"] == measured["phases"]["stage2"]["probe_loss_before"]
 
 
 def test_checkpoints_of_other_settings_are_refused(built, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from instruct_core.cli import main
-from instruct_core.default_model import DEFAULT_DIR, WEIGHTS, load_default
+from instruct_core.default_model import DEFAULT_DIR, FOCUS_MIX, TRAINING_PHASES, WEIGHTS, load_default
 from instruct_core.evaluation import EVALUATOR_FILE, EvalSettings, bootstrap_interval, compare, evaluate, summary_table
 from instruct_core.models import default_model_available, load_pipeline
 
@@ -19,8 +19,9 @@ def test_bundled_files_are_small_and_described():
     config = json.loads((DEFAULT_DIR / "config.json").read_text())
     assert {"architecture", "adapter_config", "build"} <= set(config)
     phases = config["build"]["phases"]
-    assert {"pretrain", "stage1", "stage2"} <= set(phases)
-    for name in ("pretrain", "stage1", "stage2"):  # each phase lowered its fixed-sample loss
+    assert set(TRAINING_PHASES) <= set(phases)
+    assert config["build"]["recipe"]["stage2_focus"]["mix"] == FOCUS_MIX
+    for name in TRAINING_PHASES:  # each phase lowered its fixed-sample loss
         assert phases[name]["probe_loss_after"] < phases[name]["probe_loss_before"], name
 
 
