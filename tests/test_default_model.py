@@ -98,12 +98,13 @@ def test_summary_verdicts_follow_the_intervals():
 
 
 # Semantic consistency that the trained context layers must add, on 12 fixed test examples; the full
-# evaluation (24 examples, 12 steps) measures +0.37 (edge) and +0.46 (mask), this setting +0.37 and +0.37.
+# evaluation (24 examples, 12 steps) measures +0.45 (edge), +0.37 (mask) and +0.26 (sketch), this setting
+# +0.38, +0.33 and +0.38.
 CONTROL_MARGIN = 0.15
 
 
 @pytest.mark.skipif(not EVALUATOR_FILE.is_file(), reason="no evaluator bundled")
-@pytest.mark.parametrize("task", ["edge_to_image", "mask_to_image"])
+@pytest.mark.parametrize("task", ["edge_to_image", "mask_to_image", "sketch_to_image"])
 def test_the_bundled_model_follows_a_spatial_control_beyond_its_text(task):
     """The same instructions, seeds and sampler for the bundled model and its text-only baseline (the
     pretrained base, untrained context layers): the control's fidelity (edge F1, mask IoU) must rise clearly
