@@ -42,11 +42,12 @@ ARCHITECTURE = {
 # layer starts free of the positional prior, to find a subject or a style anywhere in a reference.
 ADAPTER = {"head_dim": 32, "content_heads": 1}
 
-# About 1 h 45 min on one core of a 2-core CPU (pretraining about 70 min, stage 1 about 6, stage 2 about 27): a small
-# UNet seeing many images learns these scenes faster than a wide one seeing few. Pretraining runs until the
-# base reads its text: another example's caption raises its loss by 3% after 1,500 steps, by 17% after 5,100.
-# Stage 2 ends on the tasks that take content from a reference rather than a layout at the query's own place;
-# a little of every control and of text-to-image stays in, so those are not forgotten.
+# About 2 h 5 min on one core of a 2-core CPU (pretraining about 70 min, stage 1 about 6, stage 2 about 27 and its
+# focus phase about 20): a small UNet seeing many images learns these scenes faster than a wide one seeing few.
+# Pretraining runs until the base reads its text: another example's caption raises its loss by 3% after 1,500
+# steps, by 17% after 5,100. Stage 2 ends on the tasks that take content from a reference rather than a layout
+# at the query's own place; a little of every control and of text-to-image stays in, so those are not
+# forgotten. 1,200 focus steps were chosen over 600 on the training split (docs/RESULTS.md).
 FOCUS_MIX = {"subject": 0.30, "styled_generation": 0.22, "style_transfer": 0.22, "inpainting": 0.12,
              "text_to_image": 0.04, "edge_to_image": 0.025, "sketch_to_image": 0.025, "mask_to_image": 0.025,
              "depth_to_image": 0.025}
