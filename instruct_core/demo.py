@@ -37,8 +37,9 @@ def demo_examples(tasks: list[str], seed: int, size: int):
 
 
 def run_demo(pipe, out_dir: Path, tasks: list[str], *, seed: int = 0, steps: int = 12, text_scale: float = 3.0,
-             context_scale: float = 1.0, log=print) -> Path:
-    """Generate every task's example with `pipe`, write the folders and return the contact sheet's path."""
+             context_scale: float = 2.0, log=print) -> Path:
+    """Generate every task's example with `pipe`, write the folders and return the contact sheet's path. The
+    guidance scales are the evaluation's (docs/RESULTS.md), so the demo shows what the tables measure."""
     from .guidance import GuidanceConfig
 
     size = pipe.native_size
