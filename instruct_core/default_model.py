@@ -250,7 +250,7 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
         if phase != "pretrain" and train_base != "adapter" and not pretrained_base.is_file():
             # the last moment the base is as pretraining left it
             save_variant(pipe, pretrained_base, {"variant": PRETRAINED_BASE}, with_adapter=False)
-        probe = probe_examples(dataset)
+        probe = probe_examples(dataset, recipe.get("probe_size", PROBE_SIZE))
         earlier = measured["phases"].get(phase) if list_checkpoints(trainer.checkpoint_dir) else None
         # a finished phase run longer starts from its own result: its loss before is the first run's
         before = earlier["probe_loss_before"] if earlier else trainer.held_out_loss(probe)
@@ -355,7 +355,7 @@ def claim_work_dir(checkpoint_dir: Path, identity: dict, later_runs: list[Path] 
     record.write_text(json.dumps(identity, indent=2, sort_keys=True))
 
 
-PROBE_SIZE = 128
+PROBE_SIZE = 128  # examples in each phase's fixed sample; a recipe may set its own ("probe_size")
 
 
 def probe_examples(dataset, size: int = PROBE_SIZE) -> list:

@@ -21,6 +21,7 @@ SMALL = {
     "stage2_focus": {"steps": 2, "batch_size": 2, "lr": 3e-4, "warmup_steps": 1,
                      "mix": {"subject": 0.5, "style_transfer": 0.5}},
     "single_task_steps": 2,
+    "probe_size": 8,
 }
 
 
