@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .evaluation import EvalSettings
 from .pipeline import save_png, tensor_to_pil
 
 CELL = 96          # contact-sheet cell size; the default model draws 32x32, enlarged without smoothing
@@ -36,8 +37,9 @@ def demo_examples(tasks: list[str], seed: int, size: int):
     return [make_split(task, "test", n=1, seed=seed, size=size)[0] for task in tasks]
 
 
-def run_demo(pipe, out_dir: Path, tasks: list[str], *, seed: int = 0, steps: int = 12, text_scale: float = 3.0,
-             context_scale: float = 2.0, log=print) -> Path:
+def run_demo(pipe, out_dir: Path, tasks: list[str], *, seed: int = 0, steps: int = 12,
+             text_scale: float = EvalSettings.text_scale, context_scale: float = EvalSettings.context_scale,
+             log=print) -> Path:
     """Generate every task's example with `pipe`, write the folders and return the contact sheet's path. The
     guidance scales are the evaluation's (docs/RESULTS.md), so the demo shows what the tables measure."""
     from .guidance import GuidanceConfig
