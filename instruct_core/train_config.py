@@ -23,6 +23,7 @@ import yaml
 
 MAX_RESOLUTION = 4096          # the instruction format's image limit is 4096 x 4096 pixels
 MAX_BATCH_PIXELS = 2**26       # pixels per micro-batch (64 images of 1024 x 1024): beyond any one GPU
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 class ConfigError(ValueError):
@@ -55,7 +56,8 @@ class OptimConfig:
     batch_size: int = 4                  # examples per step per process (before accumulation)
     grad_accum: int = 1                  # micro-batches per optimizer step
     lr: float = 1e-4
-    warmup_steps: int = 100              # linear warmup, then constant
+    warmup_steps: int = 100              # linear warmup, then the lr_schedule
+    lr_schedule: str = "constant"        # constant | linear | cosine: after warmup, decay to 0 at the last step
     optimizer: str = "adamw"             # adamw | adafactor
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0           # 0 disables clipping
@@ -105,6 +107,7 @@ class TrainConfig:
             (self.train.grad_accum >= 1, "train.grad_accum", "must be at least 1"),
             (self.train.lr > 0, "train.lr", "must be positive"),
             (self.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
+            (self.train.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}"),
             (self.train.optimizer in ("adamw", "adafactor"), "train.optimizer", "must be adamw or adafactor"),
             (self.train.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "must be no, fp16 or bf16"),
             (self.train.train_base in ("adapter", "lora", "full"), "train.train_base", "must be adapter, lora or full"),

@@ -11,6 +11,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -151,6 +152,20 @@ class DiffusionLoss(nn.Module):
 
 # -- the trainer --------------------------------------------------------------------------------------------
 
+def lr_factor(warmup_steps: int, total_steps: int, schedule: str, step: int) -> float:
+    """The learning rate's multiplier at optimizer step `step` (0-based): a linear warmup, then constant, or a
+    linear or cosine decay that reaches 0 after the last step. A short decay at the end of a run at a constant
+    rate (a cooldown) settles weights that the constant rate keeps moving."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 class EMA:
     """Exponential moving average of the trainable parameters."""
 
@@ -201,9 +216,8 @@ class Trainer:
         self.trainable = self._select_trainable()
         self.loss_module = DiffusionLoss(pipe)
         self.optimizer = self._make_optimizer()
-        warmup = max(config.train.warmup_steps, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+            self.optimizer, partial(lr_factor, config.train.warmup_steps, config.train.steps, config.train.lr_schedule))
         self.ema = EMA(self.trainable, config.train.ema_decay) if config.train.ema_decay > 0 else None
         self.losses: list[float] = []
         self.train_seconds = 0.0

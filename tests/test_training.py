@@ -203,6 +203,39 @@ def test_training_options(dataset, tmp_path, train):
         assert (tmp_path / "stage2" / "base_unet.safetensors").is_file()
 
 
+def test_lr_factor_warms_up_then_decays_to_zero_after_the_last_step():
+    from instruct_core.training import lr_factor
+
+    assert [lr_factor(2, 6, "constant", s) for s in range(6)] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert [lr_factor(2, 6, "linear", s) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    cosine = [lr_factor(0, 8, "cosine", s) for s in range(8)]
+    assert cosine[0] == 1.0 and all(a > b > 0 for a, b in zip(cosine, cosine[1:]))
+    assert cosine[4] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_a_decaying_schedule_sets_each_steps_rate_and_survives_a_resume(dataset, tmp_path, schedule):
+    from instruct_core.stages import build_stage2_data
+    from instruct_core.training import Trainer, lr_factor
+
+    config = _config(tmp_path, 2, dataset, steps=4, lr=1e-3, lr_schedule=schedule)
+    rates = []
+
+    def run(steps, resume):
+        config.train.steps = 4  # the schedule spans the whole run, however it is split
+        trainer = Trainer(config, _fresh_pipe(), build_stage2_data(config, {}),
+                          progress=lambda step, total, loss: rates.append(trainer.optimizer.param_groups[0]["lr"]),
+                          cancel=lambda: len(rates) >= steps)
+        trainer.run(resume=resume)
+
+    run(2, resume=False)  # cancelled after 2 steps, checkpoint written
+    run(4, resume=True)
+    # the rate reported after step k is the one step k + 1 uses
+    expected = [1e-3 * lr_factor(0, 4, schedule, step) for step in range(1, 5)]
+    assert rates == pytest.approx(expected)
+    assert rates[-1] == 0.0 and rates[0] < 1e-3
+
+
 def test_validation_samples_are_written(dataset, tmp_path):
     config = _config(tmp_path, 2, dataset, steps=4)
     config.validation.every = 2
@@ -216,7 +249,8 @@ def test_config_errors_name_the_key(tmp_path):
     cases = [({"train": {"steps": 0}}, "train.steps"), ({"train": {"lr": "fast"}}, "train.lr"),
              ({"trian": {}}, "trian"), ({"data": {"resolutoin": 32}}, "data.resolutoin"),
              ({"stage": 3}, "stage"), ({"data": {"source": None}}, "data.source"),
-             ({"train": {"optimizer": "sgd"}}, "train.optimizer")]
+             ({"train": {"optimizer": "sgd"}}, "train.optimizer"),
+             ({"train": {"lr_schedule": "exponential"}}, "train.lr_schedule")]
     for values, key in cases:
         document = {"data": {"source": "x"}}
         for k, v in values.items():
