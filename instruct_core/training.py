@@ -279,9 +279,26 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "data_position": self.step * self.config.train.grad_accum,
             "rng": {"seed": self.config.train.seed, "scheme": "per-step generators seeded by (seed, step, micro, rank)"},
+            "lr_schedule": self._lr_schedule(),
         }
 
+    def _lr_schedule(self) -> dict:
+        train = self.config.train
+        return {"schedule": train.lr_schedule, "warmup_steps": train.warmup_steps, "steps": train.steps}
+
+    def _check_lr_schedule(self, stored: dict | None) -> None:
+        """A decaying rate spans the run's steps: resuming it over other steps would move the rate back up."""
+        wanted = self._lr_schedule()
+        if stored is None or "constant" == stored["schedule"] == wanted["schedule"] or stored == wanted:
+            return
+        describe = lambda s: (f"{s['schedule']} over {s['steps']} steps" if s["schedule"] != "constant"
+                              else "constant") + f" after {s['warmup_steps']} warmup steps"
+        raise TrainingError(f"resume: the checkpoint's learning rate is {describe(stored)}, this run's "
+                            f"{describe(wanted)}; keep train.steps, train.lr_schedule and train.warmup_steps "
+                            f"as they were, or start in another output_dir")
+
     def load_state_dict(self, step: int, state: dict):
+        self._check_lr_schedule(state.get("lr_schedule"))  # absent from older checkpoints
         with torch.no_grad():
             for name, p in self.trainable.items():
                 if name not in state["trainable"]:

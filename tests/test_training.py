@@ -236,6 +236,19 @@ def test_a_decaying_schedule_sets_each_steps_rate_and_survives_a_resume(dataset,
     assert rates[-1] == 0.0 and rates[0] < 1e-3
 
 
+def test_a_decaying_schedule_is_not_resumed_over_another_length(dataset, tmp_path):
+    from instruct_core.training import TrainingError
+
+    config = _config(tmp_path, 2, dataset, steps=2, lr_schedule="linear")
+    run_training(config, pipe=_fresh_pipe())
+    config.train.steps = 4
+    with pytest.raises(TrainingError, match=r"linear over 2 steps after 0 warmup steps, this run's linear over 4"):
+        run_training(config, pipe=_fresh_pipe(), resume=True)
+    config.train.lr_schedule, config.train.steps = "constant", 2
+    with pytest.raises(TrainingError, match="this run's constant after 0 warmup"):
+        run_training(config, pipe=_fresh_pipe(), resume=True)
+
+
 def test_validation_samples_are_written(dataset, tmp_path):
     config = _config(tmp_path, 2, dataset, steps=4)
     config.validation.every = 2
