@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", default=None, help="folder for the model (default: the package's default_model/)")
     build.add_argument("--work-dir", default="runs/default_model", help="checkpoints and logs")
     build.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps (e.g. 0.01 to try)")
-    build.add_argument("--phases", default="pretrain,stage1,stage2,stage2_focus,evaluator",
-                       help="comma-separated: pretrain, stage1, stage2, stage2_focus, evaluator, ablations "
-                            "(training phases run in that order)")
+    build.add_argument("--phases", default="pretrain,stage1,stage2,stage2_focus,stage2_cooldown,evaluator",
+                       help="comma-separated: pretrain, stage1, stage2, stage2_focus, stage2_cooldown, evaluator, "
+                            "ablations (training phases run in that order)")
 
     evaluate = commands.add_parser("eval", help="score models on the procedural benchmark; writes docs/RESULTS.md")
     evaluate.add_argument("--variants", default="full,no_stage1,text_only,single:edge_to_image,single:subject")
@@ -260,7 +260,7 @@ def run_build_default(args) -> int:
     if args.scale <= 0:
         raise UsageError(f"--scale: {args.scale} must be positive")
     recipe = copy.deepcopy(RECIPE)
-    for phase in TRAINING_PHASES:
+    for phase in (p for p in TRAINING_PHASES if p in recipe):
         recipe[phase]["steps"] = max(1, round(recipe[phase]["steps"] * args.scale))
     recipe["single_task_steps"] = max(1, round(recipe["single_task_steps"] * args.scale))
     from .default_model import build_ablations, build_evaluator

@@ -1,8 +1,8 @@
 """The benchmark evaluation behind docs/RESULTS.md: every task, in-domain and zero-shot, for several models.
 
 Models ("variants"), all starting from the default model's pretrained base:
-    full          pretraining + stage 1 + stage 2 and its focus phase (the bundled default model)
-    no_stage1     stage 2 (on stage 1's budget too) and the same focus phase: the paper's ablation of
+    full          pretraining + stage 1 + stage 2 and its focus and cooldown phases (the bundled default model)
+    no_stage1     stage 2 (on stage 1's budget too) and the same later phases: the paper's ablation of
                   retrieval-augmented training
     text_only     the pretrained base with no trained adapter: it follows the text alone (context layers
                   start at zero)
@@ -268,8 +268,9 @@ def write_results(results: dict, settings: EvalSettings, in_domain: list[str], z
         "Instruct-Imagen.",
         "",
         "Models, each starting from the same pretrained base: **full** = the bundled default model (pretraining + "
-        "stage 1 + stage 2, which ends with a focus phase on the subject, style and inpainting tasks); **no_stage1** "
-        "= stage 2 alone, given stage 1's steps too, with the same focus phase; **text_only** = the pretrained "
+        "stage 1 + stage 2, which ends with a focus phase on the subject, style and inpainting tasks and a cooldown "
+        "whose learning rate decays to zero); **no_stage1** = stage 2 alone, given stage 1's steps too, with the "
+        "same focus and cooldown phases; **text_only** = the pretrained "
         "base with an untrained adapter (it follows the text alone); **single_*** = stage 2 on one task. Stages "
         "1 and 2 train the adapter and the base UNet as the recipe says (`train_base`, in the build below).",
         "",

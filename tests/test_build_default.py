@@ -20,6 +20,8 @@ SMALL = {
     "stage2": {"steps": 3, "batch_size": 2, "lr": 3e-4, "warmup_steps": 1},
     "stage2_focus": {"steps": 2, "batch_size": 2, "lr": 3e-4, "warmup_steps": 1,
                      "mix": {"subject": 0.5, "style_transfer": 0.5}},
+    "stage2_cooldown": {"steps": 2, "batch_size": 2, "lr": 3e-4, "warmup_steps": 0, "lr_schedule": "linear",
+                        "mix": {"subject": 0.5, "inpainting": 0.5}},
     "single_task_steps": 2,
     "probe_size": 8,
 }
@@ -126,7 +128,7 @@ def test_stages_that_train_the_base_keep_the_pretrained_one_as_the_text_only_bas
     pretrained = _unet_fp16(dm.load_default(device="cpu", folder=folder))
     snapshot = dm.pretrained_base_file(folder)
     assert not snapshot.exists()
-    dm.build(folder, work, copy.deepcopy(SMALL_FULL), phases=("stage1", "stage2", "stage2_focus"), log=quiet)
+    dm.build(folder, work, copy.deepcopy(SMALL_FULL), phases=("stage1", *dm.STAGE2_PHASES), log=quiet)
 
     assert dm.is_variant_file(snapshot) and not any(k.startswith("adapter.") for k in load_file(str(snapshot)))
     full = _unet_fp16(variant_pipe("full", folder))
@@ -141,8 +143,11 @@ def test_stages_that_train_the_base_keep_the_pretrained_one_as_the_text_only_bas
     no_stage1 = variant_pipe("no_stage1", folder)
     assert any(not torch.equal(v, pretrained[k]) and not torch.equal(v, full[k])
                for k, v in _unet_fp16(no_stage1).items())  # trained on its own from the pretrained base
-    steps = [SMALL_FULL["stage1"]["steps"] + SMALL_FULL["stage2"]["steps"], SMALL_FULL["stage2_focus"]["steps"]]
-    with safe_open(str(ablation), framework="pt") as handle:  # stage 2 on stage 1's budget, then the focus
+    steps = [SMALL_FULL["stage1"]["steps"] + SMALL_FULL["stage2"]["steps"], SMALL_FULL["stage2_focus"]["steps"],
+             SMALL_FULL["stage2_cooldown"]["steps"]]
+    # stage 2 on stage 1's budget, then the same focus and cooldown as the full model
+    assert (work / "no_stage1_cooldown" / dm.RUN_RECORD).is_file()
+    with safe_open(str(ablation), framework="pt") as handle:
         assert json.loads(handle.metadata()["info"])["phase_steps"] == steps
     stored = load_file(str(ablation))
     assert all(torch.equal(v.to(torch.float16), stored["adapter." + k])
@@ -205,3 +210,19 @@ def test_the_focus_phase_trains_on_its_own_mix_and_a_recipe_names_every_phase_it
     no_focus = {k: v for k, v in SMALL.items() if k != "stage2_focus"}
     with pytest.raises(ValueError, match="recipe: no settings for phase 'stage2_focus'"):
         dm.build(tmp_path / "model", tmp_path / "work", no_focus, phases=("stage2_focus",), log=lambda line: None)
+
+
+def test_the_cooldown_decays_its_rate_over_its_own_length(built, tmp_path):
+    root, measured = built
+    cooldown = dm.instruction_dataset("stage2_cooldown", SMALL["stage2_cooldown"], seed=0)
+    assert {cooldown.example(i).task for i in range(40)} == {"subject", "inpainting"}
+    from instruct_core.checkpointing import list_checkpoints, load_checkpoint
+
+    _, state = load_checkpoint(list_checkpoints(root / "work" / "stage2_cooldown" / "checkpoints")[-1])
+    assert state["lr_schedule"] == {"schedule": "linear", "warmup_steps": 0, "steps": 2}
+    assert measured["phases"]["stage2_cooldown"]["steps"] == 2
+    folder, work = copy_of(root, tmp_path)
+    longer = copy.deepcopy(SMALL)
+    longer["stage2_cooldown"]["steps"] = 4  # a decay planned over 2 steps is not continued over 4
+    with pytest.raises(TrainingError, match=r"stage2_cooldown: holds checkpoints of a run with other settings"):
+        dm.build(folder, work, longer, phases=("stage2_cooldown",), log=lambda line: None)
