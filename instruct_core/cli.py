@@ -29,8 +29,6 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, help="context adapter .safetensors (default: a fresh one)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="allow loading .ckpt/.pt/.bin checkpoints (they can run code: trusted files only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,7 +188,7 @@ def run_generate(args) -> int:
         raise UsageError(f"--batch: {args.batch} must be at least 1")
     _check_seed(args.seed)
     _check_guidance_scales(args)
-    pipe = load_pipeline(args.model, args.adapter, args.device, args.dtype, args.allow_pickle)
+    pipe = load_pipeline(args.model, args.adapter, args.device, args.dtype)
     instruction = load_instruction(args.instruction, root=args.root, known_modalities=pipe.known_modalities,
                                    max_contexts=pipe.max_contexts)
     width = args.width or pipe.native_size
@@ -416,7 +414,7 @@ def run_demo(args) -> int:
     if args.steps < 1:
         raise UsageError(f"--steps: {args.steps} must be at least 1")
     _check_seed(args.seed)
-    pipe = load_pipeline(args.model, args.adapter, args.device, args.dtype, args.allow_pickle)
+    pipe = load_pipeline(args.model, args.adapter, args.device, args.dtype)
     print(write_demo(pipe, Path(args.out), tasks, seed=args.seed, steps=args.steps,
                      log=lambda line: print(line, flush=True)))
     return 0

@@ -8,8 +8,8 @@ Two sources are understood:
   them in `models/checkpoints`. A single file holds weights only, so the diffusers configs of the official
   architectures ship in `configs/` and are passed to diffusers' converters with `local_files_only=True`.
 
-Weights are read with safetensors. Pickle files (.ckpt/.pt/.pth/.bin) can run arbitrary code when loaded and
-are refused unless the caller passes `allow_pickle=True`.
+Weights are read with safetensors only. Pickle files (.ckpt/.pt/.pth/.bin) can run arbitrary code when loaded,
+so they are refused with a message that names the file.
 
 `export_single_file` goes the other way: it writes a model as one LDM-layout `.safetensors` file that
 ComfyUI's checkpoint loader (and `load_base`) can read.
@@ -140,13 +140,15 @@ def normalize_prediction_type(value: str) -> str:
 # --- reading files ----------------------------------------------------------------------------------
 
 
-def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[dict, dict[str, str]]:
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
     """Return (state_dict, safetensors metadata) of a single-file checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file")
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        return _read_pickle(path, allow_pickle), {}
+        raise ModelLoadError(
+            f"{path}: a pickle checkpoint ({path.suffix}), which can run code when loaded; only .safetensors "
+            "weights are read: convert it to .safetensors with a tool you trust")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
@@ -154,26 +156,6 @@ def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> t
     except Exception as err:  # safetensors raises several types for bad headers and short files
         raise ModelLoadError(f"{path}: not a readable safetensors file ({err})") from err
     return state, metadata
-
-
-def _read_pickle(path: Path, allow_pickle: bool) -> dict:
-    if not allow_pickle:
-        raise ModelLoadError(
-            f"{path}: pickle checkpoints ({path.suffix}) can run code when loaded; convert it to .safetensors "
-            "or pass allow_pickle=True if you trust the file"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        try:  # old Lightning checkpoints pickle training objects next to the weights
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise ModelLoadError(f"{path}: cannot unpickle ({err})") from err
-    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ModelLoadError(f"{path}: expected a state dict, found {type(state).__name__}")
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def _read_json(path: Path) -> dict:
@@ -271,7 +253,6 @@ def load_base(
     *,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
-    allow_pickle: bool = False,
     config_dir: str | os.PathLike | None = None,
     prediction_type: str | None = None,
 ) -> BaseModel:
@@ -288,9 +269,9 @@ def load_base(
     if path.is_dir():
         if config_dir is not None:
             raise ValueError(f"config_dir is for single-file checkpoints; {path} is a folder with its own configs")
-        model = _load_folder(path, dtype, allow_pickle, prediction_type)
+        model = _load_folder(path, dtype, prediction_type)
     elif path.is_file():
-        model = _load_single_file(path, dtype, allow_pickle, config_dir, prediction_type)
+        model = _load_single_file(path, dtype, config_dir, prediction_type)
     else:
         raise ModelLoadError(f"{path}: no such file or folder")
     for module in [model.unet, model.vae, *model.text_encoders]:
@@ -299,11 +280,11 @@ def load_base(
     return model
 
 
-def _load_single_file(path, dtype, allow_pickle, config_dir, prediction_type) -> BaseModel:
+def _load_single_file(path, dtype, config_dir, prediction_type) -> BaseModel:
     if not is_accelerate_available():
         # without it diffusers fills randomly initialised models, and missing weights would go unnoticed
         raise ImportError("loading single-file checkpoints needs the accelerate package (pip install accelerate)")
-    checkpoint, metadata = read_checkpoint(path, allow_pickle=allow_pickle)
+    checkpoint, metadata = read_checkpoint(path)
     try:
         kind = detect_kind(checkpoint)
         in_channels = unet_input_channels(checkpoint)
@@ -419,7 +400,7 @@ def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), local_files_only=True, **overrides)
 
 
-def _load_folder(folder: Path, dtype, allow_pickle, prediction_type) -> BaseModel:
+def _load_folder(folder: Path, dtype, prediction_type) -> BaseModel:
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(f"{folder}: not a diffusers model folder (no model_index.json)")
     components = _components(folder)
@@ -429,13 +410,13 @@ def _load_folder(folder: Path, dtype, allow_pickle, prediction_type) -> BaseMode
         if name in components and components[name][1] != cls.__name__:
             raise ModelLoadError(f"{folder / 'model_index.json'}: unsupported {name} class {components[name][1]!r}")
 
-    unet = _from_pretrained(UNet2DConditionModel, folder, "unet", allow_pickle, torch_dtype=dtype)
+    unet = _from_pretrained(UNet2DConditionModel, folder, "unet", torch_dtype=dtype)
     vae = None
     if "vae" in components:
         vae_dtype = _vae_dtype(folder, dtype)
-        vae = _from_pretrained(AutoencoderKL, folder, "vae", allow_pickle, torch_dtype=vae_dtype)
+        vae = _from_pretrained(AutoencoderKL, folder, "vae", torch_dtype=vae_dtype)
     text_encoders = [
-        _from_pretrained(_text_encoder_class(components[name], folder), folder, name, allow_pickle, dtype=dtype)
+        _from_pretrained(_text_encoder_class(components[name], folder), folder, name, dtype=dtype)
         for name in TEXT_ENCODER_NAMES
         if name in components
     ]
@@ -453,11 +434,11 @@ def _load_folder(folder: Path, dtype, allow_pickle, prediction_type) -> BaseMode
     )
 
 
-def _from_pretrained(cls, folder: Path, name: str, allow_pickle: bool, **dtype_kwarg):
-    use_safetensors, variant = _weights_format(folder / name, allow_pickle)
+def _from_pretrained(cls, folder: Path, name: str, **dtype_kwarg):
+    variant = _safetensors_variant(folder / name)
     try:
         model, info = cls.from_pretrained(
-            str(folder), subfolder=name, local_files_only=True, use_safetensors=use_safetensors, variant=variant,
+            str(folder), subfolder=name, local_files_only=True, use_safetensors=True, variant=variant,
             output_loading_info=True, **dtype_kwarg,
         )
     except Exception as err:  # the libraries raise OSError, ValueError, SafetensorError, ... for bad files
@@ -469,28 +450,27 @@ def _from_pretrained(cls, folder: Path, name: str, allow_pickle: bool, **dtype_k
     return model
 
 
-def _weights_format(sub: Path, allow_pickle: bool) -> tuple[bool, str | None]:
-    """(use_safetensors, variant) for a component folder; pickle-only folders need allow_pickle."""
+def _safetensors_variant(sub: Path) -> str | None:
+    """The variant (e.g. "fp16") of a component folder's safetensors weights, None for the plain ones; a folder
+    with pickle weights only is refused."""
     if not sub.is_dir():
         raise ModelLoadError(f"{sub}: component folder missing")
     names = sorted(p.name for p in sub.iterdir())
     safe = [n for n in names if n.endswith(".safetensors") or n.endswith(".safetensors.index.json")]
     plain = ("diffusion_pytorch_model.safetensors", "model.safetensors")
     if any(n in plain or n.endswith(".index.json") for n in safe):
-        return True, None
+        return None
     for n in safe:
         match = re.fullmatch(r"(?:diffusion_pytorch_model|model)\.(\w+)\.safetensors", n)
         if match:
-            return True, match.group(1)
+            return match.group(1)
     if safe:
-        return True, None
+        return None
     pickles = [n for n in names if Path(n).suffix in PICKLE_SUFFIXES]
-    if pickles and allow_pickle:
-        return False, None
     if pickles:
         raise ModelLoadError(
-            f"{sub}: only pickle weights ({pickles[0]}), which can run code when loaded; "
-            "convert them to safetensors or pass allow_pickle=True if you trust them"
+            f"{sub}: only pickle weights ({pickles[0]}), which can run code when loaded; only .safetensors "
+            "weights are read: convert them to .safetensors with a tool you trust"
         )
     raise ModelLoadError(f"{sub}: no weights file")
 

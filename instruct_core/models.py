@@ -17,7 +17,7 @@ def default_model_available() -> bool:
 
 
 def load_pipeline(model: str = "default", adapter: str | None = None, device: str = "auto", dtype: str = "auto",
-                  allow_pickle: bool = False, adapter_config=None) -> InstructImagen:
+                  adapter_config=None) -> InstructImagen:
     """An InstructImagen from a model name or path and an optional adapter file (or a fresh adapter's config)."""
     from .loading import load_base, resolve_device, resolve_dtype
 
@@ -37,5 +37,5 @@ def load_pipeline(model: str = "default", adapter: str | None = None, device: st
         if target_dtype != torch.float32:
             base.unet.to(dtype=target_dtype)
     else:
-        base = load_base(model, dtype=dtype, device=device, allow_pickle=allow_pickle)
+        base = load_base(model, dtype=dtype, device=device)
     return InstructImagen.from_base(base, adapter=adapter, adapter_config=adapter_config)

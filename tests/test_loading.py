@@ -249,14 +249,12 @@ def test_missing_component_weights_named(tmp_path):
         load_base(path, config_dir=config_dir, device="cpu")
 
 
-def test_pickle_checkpoint_needs_allow_pickle(tmp_path):
-    base, path, config_dir = saved_checkpoint(tmp_path, "sd1")
+def test_pickle_checkpoint_is_refused_with_its_name(tmp_path):
+    _, path, config_dir = saved_checkpoint(tmp_path, "sd1")
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": load_file(path), "global_step": 1}, ckpt)
-    with pytest.raises(ModelLoadError, match=r"model\.ckpt.*allow_pickle"):
+    with pytest.raises(ModelLoadError, match=r"model\.ckpt: a pickle checkpoint \(\.ckpt\).*convert it to \.safetensors"):
         load_base(ckpt, config_dir=config_dir, device="cpu")
-    loaded = load_base(ckpt, config_dir=config_dir, device="cpu", allow_pickle=True)
-    assert_same_weights(base.unet, loaded.unet)
 
 
 def test_truncated_safetensors_names_the_file(tmp_path):
@@ -319,13 +317,14 @@ def test_folder_with_missing_weights_is_refused(tmp_path):
         load_base(tmp_path, device="cpu")
 
 
-def test_pickle_only_folder_needs_allow_pickle(tmp_path):
+def test_pickle_only_folder_is_refused_and_its_safetensors_twin_loads(tmp_path):
     unet = tiny_base("sd1").unet
     unet.save_pretrained(tmp_path / "unet", safe_serialization=False)
     (tmp_path / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"]}))
-    with pytest.raises(ModelLoadError, match=r"unet.*diffusion_pytorch_model\.bin"):
+    with pytest.raises(ModelLoadError, match=r"unet: only pickle weights \(diffusion_pytorch_model\.bin\)"):
         load_base(tmp_path, device="cpu")
-    assert_same_weights(unet, load_base(tmp_path, device="cpu", allow_pickle=True).unet)
+    unet.save_pretrained(tmp_path / "unet")  # the same weights as safetensors beside the pickle
+    assert_same_weights(unet, load_base(tmp_path, device="cpu").unet)
 
 
 # --- shipped configs -------------------------------------------------------------------------------

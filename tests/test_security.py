@@ -1057,9 +1057,6 @@ def test_comfyui_loader_still_loads_a_good_adapter_next_to_them(comfy, hostile_a
 
 SCANNED = [REPO / "__init__.py", *sorted((REPO / "instruct_core").rglob("*.py")),
            *sorted((REPO / "nodes").rglob("*.py"))]
-# The one place pickle may run, behind an explicit opt-in: loading.py's _read_pickle, whose first statement
-# refuses unless allow_pickle is true (checked below, so moving the call out from behind it fails the test).
-ALLOWED = {("instruct_core/loading.py", "_read_pickle", "torch.load")}
 FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__", "pickle.load", "pickle.loads", "pickle.Unpickler",
                    "marshal.load", "marshal.loads", "shelve.open", "dill.load", "dill.loads", "joblib.load",
                    "yaml.load", "yaml.unsafe_load", "yaml.full_load", "os.system", "os.popen", "tarfile.extractall"}
@@ -1106,7 +1103,7 @@ def scan(source: str, filename: str) -> list[str]:
     found = []
     for call, function in _calls(ast.parse(source)):
         name = _dotted(call.func)
-        if _runs_code(call, name) and (filename, function, name) not in ALLOWED:
+        if _runs_code(call, name):
             found.append(f"{filename}:{call.lineno}: {name} ({function})")
     return found
 
@@ -1128,15 +1125,7 @@ def test_no_loader_runs_code_from_data():
     assert found == []
 
 
-def test_the_one_pickle_path_sits_behind_allow_pickle():
-    tree = ast.parse((REPO / "instruct_core" / "loading.py").read_text(encoding="utf-8"))
-    function = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_read_pickle")
-    first = function.body[0]
-    assert isinstance(first, ast.If) and ast.unparse(first.test) == "not allow_pickle"
-    assert isinstance(first.body[-1], ast.Raise) and "ModelLoadError" in ast.unparse(first.body[-1])
-
-
-def test_pickle_checkpoints_are_refused_without_opt_in(tmp_path):
+def test_pickle_checkpoints_are_refused_without_being_read(tmp_path):
     marker = tmp_path / "ran"
 
     class Payload:
@@ -1147,8 +1136,8 @@ def test_pickle_checkpoints_are_refused_without_opt_in(tmp_path):
 
     path = tmp_path / "model.ckpt"
     path.write_bytes(pickle.dumps({"state_dict": Payload()}))
-    with pytest.raises(ModelLoadError, match="allow_pickle"):
+    with pytest.raises(ModelLoadError, match=r"model\.ckpt: a pickle checkpoint .*\.safetensors"):
         read_checkpoint(path)
-    with pytest.raises(ModelLoadError, match="allow_pickle"):
+    with pytest.raises(ModelLoadError, match=r"model\.ckpt: a pickle"):
         load_base(path, device="cpu")
     assert not marker.exists()
