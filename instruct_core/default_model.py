@@ -300,9 +300,9 @@ def run_identity(name: str, settings: dict, seed: int, pipe, train_base: str) ->
     phase left)."""
     adapter = pipe.model.adapter
     # a decaying learning rate spans the run's own length: a longer one is another run, not a continuation
-    lengthless = settings.get("lr_schedule", "constant") == "constant"
+    decays = settings.get("lr_schedule", "constant") != "constant"
     identity = {"phase": name, "seed": seed,
-                "settings": {k: v for k, v in settings.items() if k != "steps" or not lengthless},
+                "settings": dict(settings) if decays else {k: v for k, v in settings.items() if k != "steps"},
                 "architecture": ARCHITECTURE, "adapter": dict(adapter.config.to_dict(), levels=list(adapter.levels))}
     if name != "pretrain":
         identity["base_sha256"] = base_digest(pipe)
