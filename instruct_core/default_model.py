@@ -197,6 +197,13 @@ def load_variant(path: Path, device: str = "auto", dtype: str = "auto", folder: 
     return pipe
 
 
+def _lr_schedule(phase: dict) -> str:
+    """A recipe phase's learning-rate schedule; phases that name none keep the trainer's default."""
+    from .train_config import OptimConfig
+
+    return phase.get("lr_schedule", OptimConfig.lr_schedule)
+
+
 def _trainer_config(phase: dict, output_dir: Path, seed: int, train_base: str):
     from .train_config import config_from_dict
 
@@ -204,7 +211,7 @@ def _trainer_config(phase: dict, output_dir: Path, seed: int, train_base: str):
         "stage": 2, "base_model": "default", "output_dir": str(output_dir),
         "data": {"source": "benchmark", "resolution": ARCHITECTURE["unet"]["sample_size"]},
         "train": {"steps": phase["steps"], "batch_size": phase["batch_size"], "lr": phase["lr"],
-                  "warmup_steps": phase["warmup_steps"], "lr_schedule": phase.get("lr_schedule", "constant"),
+                  "warmup_steps": phase["warmup_steps"], "lr_schedule": _lr_schedule(phase),
                   "seed": seed, "train_base": train_base},
         "checkpoint": {"every": 50, "keep": 1},
     })
@@ -300,7 +307,7 @@ def run_identity(name: str, settings: dict, seed: int, pipe, train_base: str) ->
     phase left)."""
     adapter = pipe.model.adapter
     # a decaying learning rate spans the run's own length: a longer one is another run, not a continuation
-    decays = settings.get("lr_schedule", "constant") != "constant"
+    decays = _lr_schedule(settings) != "constant"
     identity = {"phase": name, "seed": seed,
                 "settings": dict(settings) if decays else {k: v for k, v in settings.items() if k != "steps"},
                 "architecture": ARCHITECTURE, "adapter": dict(adapter.config.to_dict(), levels=list(adapter.levels))}

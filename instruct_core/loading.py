@@ -140,15 +140,18 @@ def normalize_prediction_type(value: str) -> str:
 # --- reading files ----------------------------------------------------------------------------------
 
 
+def _pickle_refused(found: str, pronoun: str) -> ModelLoadError:
+    return ModelLoadError(f"{found}, which can run code when loaded; only .safetensors weights are read: "
+                          f"convert {pronoun} to .safetensors with a tool you trust")
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
     """Return (state_dict, safetensors metadata) of a single-file checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file")
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ModelLoadError(
-            f"{path}: a pickle checkpoint ({path.suffix}), which can run code when loaded; only .safetensors "
-            "weights are read: convert it to .safetensors with a tool you trust")
+        raise _pickle_refused(f"{path}: a pickle checkpoint ({path.suffix})", "it")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
@@ -468,10 +471,7 @@ def _safetensors_variant(sub: Path) -> str | None:
         return None
     pickles = [n for n in names if Path(n).suffix in PICKLE_SUFFIXES]
     if pickles:
-        raise ModelLoadError(
-            f"{sub}: only pickle weights ({pickles[0]}), which can run code when loaded; only .safetensors "
-            "weights are read: convert them to .safetensors with a tool you trust"
-        )
+        raise _pickle_refused(f"{sub}: only pickle weights ({pickles[0]})", "them")
     raise ModelLoadError(f"{sub}: no weights file")
 
 
