@@ -31,9 +31,9 @@ SINGLE_TASKS = ("edge_to_image", "subject")
 
 @dataclass
 class EvalSettings:
-    examples_per_task: int = 24
+    examples_per_task: int = 48
     seed: int = 1234
-    steps: int = 20
+    steps: int = 12
     sampler: str = "dpmpp_2m"
     schedule: str = "karras"
     text_scale: float = 3.0

@@ -1,11 +1,13 @@
 """The bundled default model, its evaluator, and a reduced benchmark evaluation (the CI run of `eval`)."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from instruct_core.cli import main
+from instruct_core.cli import build_parser, main
 from instruct_core.default_model import DEFAULT_DIR, FOCUS_MIX, TRAINING_PHASES, WEIGHTS, load_default
 from instruct_core.evaluation import EVALUATOR_FILE, EvalSettings, bootstrap_interval, compare, evaluate, summary_table
 from instruct_core.models import default_model_available, load_pipeline
@@ -71,6 +73,13 @@ def test_reduced_eval_writes_the_results_tables(tmp_path, capsys):
                       log=lambda line: None)
     assert single["text_only"]["edge_to_image"] == data["results"]["text_only"]["edge_to_image"]
     assert data["settings"]["split"] == "test"
+
+
+def test_eval_defaults_are_the_settings_the_published_tables_used():
+    # the README's `eval --jobs 2` reproduces docs/RESULTS.md only if nothing there needs a flag
+    published = json.loads((Path(__file__).parent.parent / "docs" / "results.json").read_text())
+    assert published["settings"] == dataclasses.asdict(EvalSettings())
+    assert set(published["results"]) == set(build_parser().parse_args(["eval"]).variants.split(","))
 
 
 def test_eval_can_tune_on_the_training_split(tmp_path):
