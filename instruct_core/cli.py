@@ -77,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="score models on the procedural benchmark; writes docs/RESULTS.md")
     evaluate.add_argument("--variants", default="full,text_only,no_stage1,single:edge_to_image,single:subject")
     evaluate.add_argument("--tasks", default="all", help="comma-separated task names, or all")
-    # None: the settings docs/RESULTS.md was measured with (EvalSettings' defaults)
-    evaluate.add_argument("--examples", type=int, default=None, help="test examples per task (default 48)")
-    evaluate.add_argument("--steps", type=int, default=None, help="sampling steps (default 12)")
+    # None: EvalSettings' defaults, the settings docs/RESULTS.md was measured with
+    evaluate.add_argument("--examples", type=int, default=None,
+                          help="test examples per task (default: as in RESULTS.md)")
+    evaluate.add_argument("--steps", type=int, default=None, help="sampling steps (default: as in RESULTS.md)")
     evaluate.add_argument("--seed", type=int, default=1234)
     evaluate.add_argument("--out", default="docs/RESULTS.md")
     evaluate.add_argument("--quick", action="store_true", help="a reduced run (CI): 4 examples, 8 steps")
