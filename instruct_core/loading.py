@@ -469,7 +469,7 @@ def _safetensors_variant(sub: Path) -> str | None:
             return match.group(1)
     if safe:
         return None
-    pickles = [n for n in names if Path(n).suffix in PICKLE_SUFFIXES]
+    pickles = [n for n in names if Path(n).suffix.lower() in PICKLE_SUFFIXES]
     if pickles:
         raise _pickle_refused(f"{sub}: only pickle weights ({pickles[0]})", "them")
     raise ModelLoadError(f"{sub}: no weights file")

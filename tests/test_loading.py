@@ -323,6 +323,9 @@ def test_pickle_only_folder_is_refused_and_its_safetensors_twin_loads(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"]}))
     with pytest.raises(ModelLoadError, match=r"unet: only pickle weights \(diffusion_pytorch_model\.bin\)"):
         load_base(tmp_path, device="cpu")
+    (tmp_path / "unet" / "diffusion_pytorch_model.bin").rename(tmp_path / "unet" / "MODEL.BIN")
+    with pytest.raises(ModelLoadError, match=r"unet: only pickle weights \(MODEL\.BIN\)"):  # any case
+        load_base(tmp_path, device="cpu")
     unet.save_pretrained(tmp_path / "unet")  # the same weights as safetensors beside the pickle
     assert_same_weights(unet, load_base(tmp_path, device="cpu").unet)
 
