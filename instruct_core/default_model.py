@@ -1,7 +1,8 @@
 """The bundled default model: a small pixel-space (Imagen-like) model trained on the procedural benchmark.
 
 It is built in three phases, all with this package's own trainer:
-  0. text-to-image pretraining of the base UNet (the text encoder is a small, frozen, seeded CLIP),
+  0. text-to-image pretraining of the base UNet (the text encoder is a small, frozen, seeded CLIP), at a
+     constant rate and then a cooldown (`pretrain_cooldown`) while the rate decays linearly to 0,
   1. stage 1: retrieval-augmented training (neighbours from the base's own encoder),
   2. stage 2: multi-task instruction tuning on the benchmark's in-domain tasks, then a focus phase
      (`stage2_focus`) on the tasks that take content rather than a layout from a reference, and a cooldown
@@ -60,6 +61,7 @@ FOCUS_MIX = {"subject": 0.30, "styled_generation": 0.22, "style_transfer": 0.22,
 RECIPE = {
     "seed": 0,
     "pretrain": {"steps": 5100, "batch_size": 16, "lr": 6e-4, "warmup_steps": 100},
+    "pretrain_cooldown": {"steps": 1500, "batch_size": 16, "lr": 6e-4, "warmup_steps": 20, "lr_schedule": "linear"},
     "stage1": {"steps": 200, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "items": 2000, "train_base": "full"},
     "stage2": {"steps": 1600, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "train_base": "full"},
     "stage2_focus": {"steps": 1200, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "train_base": "full",
@@ -69,8 +71,9 @@ RECIPE = {
     "single_task_steps": 200,  # the single-task ablations' budget
 }
 
+PRETRAIN_PHASES = ("pretrain", "pretrain_cooldown")
 STAGE2_PHASES = ("stage2", "stage2_focus", "stage2_cooldown")
-TRAINING_PHASES = ("pretrain", "stage1", *STAGE2_PHASES)
+TRAINING_PHASES = (*PRETRAIN_PHASES, "stage1", *STAGE2_PHASES)
 
 ABLATIONS = "ablations"
 # The pretrained base, before stages 1 and 2 trained it: the text-only baseline and the ablations' start.
@@ -240,13 +243,18 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
         measured: dict = {"recipe": recipe, "phases": {}}
     else:  # later phases continue from the saved model (its pretrained base and adapter)
         pipe = load_default(device="cpu", folder=folder)
+        if phases[:1] == ("pretrain_cooldown",) and pretrained_base.is_file():
+            # the cooldown continues pretraining: from the base as pretraining left it, with a fresh adapter
+            base = load_variant(pretrained_base, device="cpu", folder=folder).base
+            pipe = InstructImagen(base, ContextAugmentedUNet(base.unet, ContextAdapterConfig(**ADAPTER)))
         measured = json.loads((folder / "config.json").read_text()).get("build", {"phases": {}})
         measured["recipe"] = recipe
     size = ARCHITECTURE["unet"]["sample_size"]
     for phase in phases:
         settings = recipe[phase]
-        if phase == "pretrain":
-            dataset = BenchmarkTaskDataset({"text_to_image": 1.0}, length=100_000, seed=seed, size=size)
+        if phase in PRETRAIN_PHASES:  # the cooldown draws its own examples
+            dataset = BenchmarkTaskDataset({"text_to_image": 1.0}, length=100_000,
+                                           seed=seed + 100 * PRETRAIN_PHASES.index(phase), size=size)
             train_base = "full"
         elif phase == "stage1":
             items = stage1_items(settings["items"], seed=seed, size=size)
@@ -262,7 +270,7 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
         trainer = Trainer(config, pipe, dataset, progress=progress)
         later_runs = [work_dir / name / RUN_RECORD for name in TRAINING_PHASES[TRAINING_PHASES.index(phase) + 1:]]
         claim_work_dir(trainer.checkpoint_dir, run_identity(phase, settings, seed, pipe, train_base), later_runs)
-        if phase != "pretrain" and train_base != "adapter" and not pretrained_base.is_file():
+        if phase not in PRETRAIN_PHASES and train_base != "adapter" and not pretrained_base.is_file():
             # the last moment the base is as pretraining left it
             save_variant(pipe, pretrained_base, {"variant": PRETRAINED_BASE}, with_adapter=False)
         probe = probe_examples(dataset, recipe.get("probe_size", PROBE_SIZE))
@@ -284,7 +292,7 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
         }
         log(f"{phase}: {measured['phases'][phase]}")
         save_default(pipe, folder, {"build": measured})
-        if phase == "pretrain":  # a new base: the old snapshot of it is stale
+        if phase in PRETRAIN_PHASES:  # a new base: the old snapshot of it is stale
             pretrained_base.unlink(missing_ok=True)
     return measured
 
