@@ -50,9 +50,9 @@ ADAPTER = {"head_dim": 32, "content_heads": 1}
 # Pretraining runs until the base reads its text: another example's caption raises its loss by 3% after 1,500
 # steps, by 17% after 5,100. Its cooldown lets the base settle into drawing: 1,500 decaying steps after the
 # 5,100 took text-to-image's shape accuracy from 0.062 to 0.146 and text alignment from 0.223 to 0.330 on the
-# training split, where the later stages can only build on what the base draws. Stage 2 ends on the tasks that take content from a reference rather than a layout
-# at the query's own place; a little of every control and of text-to-image stays in, so those are not
-# forgotten. 1,200 focus steps were chosen over 600 on the training split (docs/RESULTS.md). The constant
+# training split, where the later stages can only build on what the base draws. Stage 2 ends on the tasks
+# that take content from a reference rather than a layout at the query's own place; a little of every control
+# and of text-to-image stays in, so those are not forgotten. 1,200 focus steps were chosen over 600 on the training split (docs/RESULTS.md). The constant
 # rate keeps the weights moving to the end; the cooldown lets them settle, which lowered the fixed-sample loss by
 # 11% in 800 steps where 600 more constant-rate focus steps lowered theirs by 1%. 800 cooldown steps were chosen
 # over 400 on the training split.
