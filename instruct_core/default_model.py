@@ -52,10 +52,10 @@ ADAPTER = {"head_dim": 32, "content_heads": 1}
 # 5,100 took text-to-image's shape accuracy from 0.062 to 0.146 and text alignment from 0.223 to 0.330 on the
 # training split, where the later stages can only build on what the base draws. Stage 2 ends on the tasks
 # that take content from a reference rather than a layout at the query's own place; a little of every control
-# and of text-to-image stays in, so those are not forgotten. 1,200 focus steps were chosen over 600 on the training split (docs/RESULTS.md). The constant
-# rate keeps the weights moving to the end; the cooldown lets them settle, which lowered the fixed-sample loss by
-# 11% in 800 steps where 600 more constant-rate focus steps lowered theirs by 1%. 800 cooldown steps were chosen
-# over 400 on the training split.
+# and of text-to-image stays in, so those are not forgotten. 1,200 focus steps were chosen over 600 on the
+# training split (docs/RESULTS.md). The constant rate keeps the weights moving to the end; the cooldown lets them
+# settle, which lowered the fixed-sample loss by 11% in 800 steps where 600 more constant-rate focus steps lowered
+# theirs by 1%. 800 cooldown steps were chosen over 400 on the training split.
 FOCUS_MIX = {"subject": 0.30, "styled_generation": 0.22, "style_transfer": 0.22, "inpainting": 0.12,
              "text_to_image": 0.04, "edge_to_image": 0.025, "sketch_to_image": 0.025, "mask_to_image": 0.025,
              "depth_to_image": 0.025}
