@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="train: tune settings on training examples, never on the test split")
     evaluate.add_argument("--jobs", type=int, default=1,
                           help="score the variants in this many processes, one thread each (same numbers)")
+    evaluate.add_argument("--cache", default="runs/eval_cache",
+                          help="folder keeping each score under a key of what it depends on (settings, weights, "
+                               "evaluator, code): a rerun reuses them, so an interrupted eval goes on; '' for none")
 
     demo = commands.add_parser("demo", help="one image per benchmark task, beside its instruction and contexts, "
                                             "and a contact sheet")
@@ -297,7 +300,9 @@ def run_eval(args) -> int:
     started = time.perf_counter()
     if args.jobs < 1:
         raise UsageError(f"--jobs: {args.jobs} must be at least 1")
-    results = evaluate(variants, tasks, settings, log=lambda line: print(line, flush=True), jobs=args.jobs)
+    cache = Path(args.cache) if args.cache else None
+    results = evaluate(variants, tasks, settings, log=lambda line: print(line, flush=True), jobs=args.jobs,
+                       cache=cache)
     command = "python -m instruct_core eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else "eval"
     path = write_results(results, settings, [t for t in tasks if t in IN_DOMAIN_TASKS],
                          [t for t in tasks if t in ZERO_SHOT_TASKS], Path(args.out), command,

@@ -11,6 +11,9 @@ Where the recipe's stages train the base too, each variant carries its own base 
 and text_only is the base as pretraining left it.
 Each example is generated once per variant with the same seed; scores come from `bench_metrics`. Intervals
 are 95% percentile bootstrap intervals of the mean over examples (1000 resamples, seeded).
+Given a cache folder, each variant's score on each task is kept there under a key of everything it depends on
+(the settings, the weights the variant loaded, the evaluator, this package's code), so an interrupted
+evaluation goes on and a variant retrained alone is the only one scored again.
 """
 
 from __future__ import annotations
@@ -98,11 +101,13 @@ def bootstrap_interval(values, seed: int = 0, resamples: int = 1000) -> tuple[fl
     return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def evaluate(variants: list[str], tasks: list[str], settings: EvalSettings, log=print, jobs: int = 1) -> dict:
+def evaluate(variants: list[str], tasks: list[str], settings: EvalSettings, log=print, jobs: int = 1,
+             cache: Path | None = None) -> dict:
     """Scores of every variant on every task: {variant: {task: {metric: [mean, low, high]}}}. With `jobs` > 1
-    the variants are scored in that many processes of one thread each (the same numbers: every draw is seeded)."""
+    the variants are scored in that many processes of one thread each (the same numbers: every draw is seeded).
+    With a `cache` folder, scores kept there under the same key are reused and new ones are kept."""
     if jobs > 1 and len(variants) > 1:
-        return _evaluate_in_processes(variants, tasks, settings, jobs)
+        return _evaluate_in_processes(variants, tasks, settings, jobs, cache)
     from .bench_metrics import score_batch
     from .bench_tasks import make_split
 
@@ -111,28 +116,87 @@ def evaluate(variants: list[str], tasks: list[str], settings: EvalSettings, log=
     results: dict = {}
     for variant in variants:
         pipe = variant_pipe(variant)
+        weights = weights_digest(pipe) if cache is not None else None
         results[variant] = {}
         for task in tasks:
             started = time.perf_counter()
-            examples = splits[task]
-            scores = score_batch(examples, generate_for(pipe, examples, settings), evaluator)
-            summary = {}
-            for metric in sorted({k for s in scores for k, v in s.items() if isinstance(v, float)}):
-                values = [s[metric] for s in scores if isinstance(s.get(metric), float)]
-                summary[metric] = [round(x, 4) for x in bootstrap_interval(values, seed=settings.seed)]
+            key = score_key(weights, task, settings) if cache is not None else None
+            summary = _cached(cache, variant, task, key)
+            if summary is None:
+                examples = splits[task]
+                scores = score_batch(examples, generate_for(pipe, examples, settings), evaluator)
+                summary = {}
+                for metric in sorted({k for s in scores for k, v in s.items() if isinstance(v, float)}):
+                    values = [s[metric] for s in scores if isinstance(s.get(metric), float)]
+                    summary[metric] = [round(x, 4) for x in bootstrap_interval(values, seed=settings.seed)]
+                if cache is not None:
+                    _keep(cache, variant, task, key, summary)
+                took = f"{time.perf_counter() - started:.1f}s"
+            else:
+                took = "kept"
             results[variant][task] = summary
             log(f"{variant:>20} {task:<18} O={summary['overall'][0]:.3f} SC={summary['sc'][0]:.3f} "
-                f"PQ={summary['pq'][0]:.3f} ({time.perf_counter() - started:.1f}s)")
+                f"PQ={summary['pq'][0]:.3f} ({took})")
     return results
 
 
-def _evaluate_in_processes(variants: list[str], tasks: list[str], settings: EvalSettings, jobs: int) -> dict:
+def weights_digest(pipe) -> str:
+    """sha256 of the weights a variant samples with: its UNet and adapter, and the text encoders."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    modules = [("model", pipe.model)] + [(f"text_encoder_{i}", m) for i, m in enumerate(pipe.base.text_encoders)]
+    for name, module in modules:
+        for key, value in sorted(module.state_dict().items()):
+            digest.update(f"{name}.{key}".encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def score_key(weights: str, task: str, settings: EvalSettings) -> str:
+    """sha256 of everything a variant's score on a task depends on: the settings, the weights it sampled with
+    (`weights_digest`), the evaluator that scored it and the package's code (benchmark, metrics, sampler)."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps({"task": task, "settings": settings.__dict__, "weights": weights},
+                                       sort_keys=True).encode())
+    digest.update(EVALUATOR_FILE.read_bytes())
+    for source in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
+def _score_file(cache: Path, variant: str, task: str) -> Path:
+    return cache / variant.replace(":", "_") / f"{task}.json"
+
+
+def _cached(cache: Path | None, variant: str, task: str, key: str | None) -> dict | None:
+    if cache is None:
+        return None
+    path = _score_file(cache, variant, task)
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or a half-written one: score again
+        return None
+    return stored.get("summary") if isinstance(stored, dict) and stored.get("key") == key else None
+
+
+def _keep(cache: Path, variant: str, task: str, key: str, summary: dict) -> None:
+    path = _score_file(cache, variant, task)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps({"key": key, "summary": summary}))
+    partial.replace(path)  # a score file is whole or absent
+
+
+def _evaluate_in_processes(variants: list[str], tasks: list[str], settings: EvalSettings, jobs: int,
+                           cache: Path | None) -> dict:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
     with ProcessPoolExecutor(min(jobs, len(variants)), mp_context=context, initializer=_one_thread) as pool:
-        parts = pool.map(_evaluate_one, [(variant, tasks, settings) for variant in variants])
+        parts = pool.map(_evaluate_one, [(variant, tasks, settings, cache) for variant in variants])
         merged = {}
         for part in parts:
             merged.update(part)
@@ -144,8 +208,8 @@ def _one_thread():
 
 
 def _evaluate_one(job) -> dict:
-    variant, tasks, settings = job
-    return evaluate([variant], tasks, settings, log=lambda line: print(line, flush=True))
+    variant, tasks, settings, cache = job
+    return evaluate([variant], tasks, settings, log=lambda line: print(line, flush=True), cache=cache)
 
 
 KEY_METRICS = ("edge_f1", "mask_iou", "depth_order", "subject", "style", "hole", "text")

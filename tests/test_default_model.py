@@ -55,8 +55,11 @@ def test_bootstrap_interval_brackets_the_mean():
 def test_reduced_eval_writes_the_results_tables(tmp_path, capsys):
     out = tmp_path / "RESULTS.md"
     code = main(["eval", "--quick", "--variants", "full,text_only", "--tasks", "edge_to_image,control_subject",
-                 "--out", str(out), "--jobs", "2", "--cfg-context", "3.0"])
+                 "--out", str(out), "--jobs", "2", "--cfg-context", "3.0", "--cache", str(tmp_path / "cache")])
     assert code == 0
+    kept = sorted(str(p.relative_to(tmp_path / "cache")) for p in (tmp_path / "cache").rglob("*.json"))
+    assert kept == ["full/control_subject.json", "full/edge_to_image.json", "text_only/control_subject.json",
+                    "text_only/edge_to_image.json"]  # each process kept its variant's scores
     text = out.read_text()
     assert "| edge_to_image |" in text and "| control_subject |" in text and "zero-shot" in text
     assert "| task | full − text_only |" in text  # the summary against the baseline
@@ -85,12 +88,54 @@ def test_eval_defaults_are_the_settings_the_published_tables_used():
 def test_eval_can_tune_on_the_training_split(tmp_path):
     out = tmp_path / "RESULTS.md"
     assert main(["eval", "--quick", "--variants", "text_only", "--tasks", "edge_to_image", "--split", "train",
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--cache", ""]) == 0
     assert "4 train examples per task" in out.read_text()
     test = evaluate(["text_only"], ["edge_to_image"], EvalSettings(examples_per_task=4, steps=8),
                     log=lambda line: None)
     train = json.loads((tmp_path / "results.json").read_text())["results"]
     assert train["text_only"]["edge_to_image"] != test["text_only"]["edge_to_image"]  # other examples
+
+
+@pytest.mark.skipif(not EVALUATOR_FILE.is_file(), reason="no evaluator bundled")
+def test_an_eval_goes_on_from_the_scores_it_kept_and_only_from_matching_ones(tmp_path, capsys):
+    cache, out = tmp_path / "cache", tmp_path / "RESULTS.md"
+    args = ["eval", "--quick", "--variants", "text_only", "--tasks", "edge_to_image", "--out", str(out),
+            "--cache", str(cache)]
+    assert main(args) == 0
+    assert "(kept)" not in capsys.readouterr().out
+    scored = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert main(args) == 0
+    assert "(kept)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "results.json").read_text())["results"] == scored
+
+    assert main(args + ["--cfg-context", "3.0"]) == 0  # other settings: scored again, kept beside
+    assert "(kept)" not in capsys.readouterr().out
+    kept = cache / "text_only" / "edge_to_image.json"
+    stored = json.loads(kept.read_text())
+    stored["summary"]["overall"] = [0.99, 0.99, 0.99]
+    kept.write_text(json.dumps(dict(stored, key="0" * 64)))  # a score kept for other weights or code
+    assert main(args) == 0
+    assert "(kept)" not in capsys.readouterr().out
+    kept.write_text('{"key": "')  # a half-written file
+    assert main(args) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["results"] == scored
+
+
+def test_a_score_key_names_the_weights_settings_and_task():
+    import torch
+
+    from instruct_core.evaluation import score_key, variant_pipe, weights_digest
+
+    pipe = variant_pipe("text_only")
+    weights = weights_digest(pipe)
+    settings = EvalSettings()
+    key = score_key(weights, "edge_to_image", settings)
+    assert score_key(weights_digest(variant_pipe("text_only")), "edge_to_image", settings) == key
+    assert score_key(weights, "mask_to_image", settings) != key
+    assert score_key(weights, "edge_to_image", EvalSettings(steps=settings.steps + 1)) != key
+    with torch.no_grad():
+        next(iter(pipe.model.adapter.parameters())).add_(1e-3)  # a retrained adapter
+    assert weights_digest(pipe) != weights
 
 
 def test_summary_verdicts_follow_the_intervals():
