@@ -113,6 +113,7 @@ def evaluate(variants: list[str], tasks: list[str], settings: EvalSettings, log=
     from .bench_tasks import make_split
 
     evaluator = load_evaluator()
+    scorer = scorer_digest() if cache is not None else None
     splits = {task: make_split(task, settings.split, settings.examples_per_task, seed=settings.seed) for task in tasks}
     results: dict = {}
     for variant in variants:
@@ -121,7 +122,7 @@ def evaluate(variants: list[str], tasks: list[str], settings: EvalSettings, log=
         results[variant] = {}
         for task in tasks:
             started = time.perf_counter()
-            key = score_key(weights, task, settings) if cache is not None else None
+            key = score_key(weights, scorer, task, settings) if cache is not None else None
             summary = _cached(cache, variant, task, key)
             if summary is None:
                 examples = splits[task]
@@ -154,17 +155,24 @@ def weights_digest(pipe) -> str:
     return digest.hexdigest()
 
 
-def score_key(weights: str, task: str, settings: EvalSettings) -> str:
-    """sha256 of everything a variant's score on a task depends on: the settings, the weights it sampled with
-    (`weights_digest`), the evaluator that scored it and the package's code (benchmark, metrics, sampler)."""
+def scorer_digest() -> str:
+    """sha256 of what scores every variant alike: the evaluator file and the package's code (benchmark, metrics,
+    sampler)."""
     import hashlib
 
-    digest = hashlib.sha256(json.dumps({"task": task, "settings": settings.__dict__, "weights": weights},
-                                       sort_keys=True).encode())
-    digest.update(EVALUATOR_FILE.read_bytes())
+    digest = hashlib.sha256(EVALUATOR_FILE.read_bytes())
     for source in sorted(Path(__file__).parent.rglob("*.py")):
         digest.update(source.read_bytes())
     return digest.hexdigest()
+
+
+def score_key(weights: str, scorer: str, task: str, settings: EvalSettings) -> str:
+    """sha256 of everything a variant's score on a task depends on: the weights it sampled with
+    (`weights_digest`), the evaluator and code that scored it (`scorer_digest`), the task and the settings."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps({"task": task, "settings": settings.__dict__, "weights": weights,
+                                      "scorer": scorer}, sort_keys=True).encode()).hexdigest()
 
 
 def _score_file(cache: Path, variant: str, task: str) -> Path:

@@ -124,15 +124,16 @@ def test_an_eval_goes_on_from_the_scores_it_kept_and_only_from_matching_ones(tmp
 def test_a_score_key_names_the_weights_settings_and_task():
     import torch
 
-    from instruct_core.evaluation import score_key, variant_pipe, weights_digest
+    from instruct_core.evaluation import score_key, scorer_digest, variant_pipe, weights_digest
 
     pipe = variant_pipe("text_only")
-    weights = weights_digest(pipe)
+    weights, scorer = weights_digest(pipe), scorer_digest()
     settings = EvalSettings()
-    key = score_key(weights, "edge_to_image", settings)
-    assert score_key(weights_digest(variant_pipe("text_only")), "edge_to_image", settings) == key
-    assert score_key(weights, "mask_to_image", settings) != key
-    assert score_key(weights, "edge_to_image", EvalSettings(steps=settings.steps + 1)) != key
+    key = score_key(weights, scorer, "edge_to_image", settings)
+    assert score_key(weights_digest(variant_pipe("text_only")), scorer_digest(), "edge_to_image", settings) == key
+    assert score_key(weights, scorer, "mask_to_image", settings) != key
+    assert score_key(weights, scorer, "edge_to_image", EvalSettings(steps=settings.steps + 1)) != key
+    assert score_key(weights, "0" * 64, "edge_to_image", settings) != key  # another evaluator or code
     with torch.no_grad():
         next(iter(pipe.model.adapter.parameters())).add_(1e-3)  # a retrained adapter
     assert weights_digest(pipe) != weights
