@@ -241,14 +241,18 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
     pretrained_base = pretrained_base_file(folder)
     if "pretrain" in phases:
         base = build_default_base(seed)
-        pipe = InstructImagen(base, ContextAugmentedUNet(base.unet, ContextAdapterConfig(**ADAPTER)))
-        measured: dict = {"recipe": recipe, "phases": {}}
+    elif phases[:1] == ("pretrain_cooldown",) and pretrained_base.is_file():
+        # the cooldown continues pretraining: from the base as pretraining left it, with a fresh adapter
+        base = load_variant(pretrained_base, device="cpu", folder=folder).base
     else:  # later phases continue from the saved model (its pretrained base and adapter)
+        base = None
+    if base is None:
         pipe = load_default(device="cpu", folder=folder)
-        if phases[:1] == ("pretrain_cooldown",) and pretrained_base.is_file():
-            # the cooldown continues pretraining: from the base as pretraining left it, with a fresh adapter
-            base = load_variant(pretrained_base, device="cpu", folder=folder).base
-            pipe = InstructImagen(base, ContextAugmentedUNet(base.unet, ContextAdapterConfig(**ADAPTER)))
+    else:
+        pipe = InstructImagen(base, ContextAugmentedUNet(base.unet, ContextAdapterConfig(**ADAPTER)))
+    if "pretrain" in phases:
+        measured: dict = {"recipe": recipe, "phases": {}}
+    else:
         measured = json.loads((folder / "config.json").read_text()).get("build", {"phases": {}})
         measured["recipe"] = recipe
     size = ARCHITECTURE["unet"]["sample_size"]
