@@ -1,7 +1,8 @@
 """The benchmark evaluation behind docs/RESULTS.md: every task, in-domain and zero-shot, for several models.
 
 Models ("variants"), all starting from the default model's pretrained base:
-    full          pretraining + stage 1 + stage 2 and its focus and cooldown phases (the bundled default model)
+    full          pretraining and its cooldown + stage 1 + stage 2 and its focus and cooldown phases (the bundled
+                  default model)
     no_stage1     stage 2 (on stage 1's budget too) and the same later phases: the paper's ablation of
                   retrieval-augmented training
     text_only     the pretrained base with no trained adapter: it follows the text alone (context layers
@@ -339,7 +340,8 @@ def write_results(results: dict, settings: EvalSettings, in_domain: list[str], z
         "PQ the evaluator's probability that the image is a clean render, and overall O = √(SC·PQ) as in "
         "Instruct-Imagen.",
         "",
-        "Models, each starting from the same pretrained base: **full** = the bundled default model (pretraining + "
+        "Models, each starting from the same pretrained base: **full** = the bundled default model (pretraining, "
+        "which ends with a cooldown, + "
         "stage 1 + stage 2, which ends with a focus phase on the subject, style and inpainting tasks and a cooldown "
         "whose learning rate decays to zero); **no_stage1** = stage 2 alone, given stage 1's steps too, with the "
         "same focus and cooldown phases; **text_only** = the pretrained "

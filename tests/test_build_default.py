@@ -16,6 +16,7 @@ from instruct_core.training import TrainingError
 SMALL = {
     "seed": 0,
     "pretrain": {"steps": 3, "batch_size": 4, "lr": 6e-4, "warmup_steps": 1},
+    "pretrain_cooldown": {"steps": 2, "batch_size": 4, "lr": 6e-4, "warmup_steps": 0, "lr_schedule": "linear"},
     "stage1": {"steps": 2, "batch_size": 2, "lr": 3e-4, "warmup_steps": 1, "items": 48},
     "stage2": {"steps": 3, "batch_size": 2, "lr": 3e-4, "warmup_steps": 1},
     "stage2_focus": {"steps": 2, "batch_size": 2, "lr": 3e-4, "warmup_steps": 1,
@@ -125,7 +126,10 @@ def test_stages_that_train_the_base_keep_the_pretrained_one_as_the_text_only_bas
 
     folder, work, quiet = tmp_path / "model", tmp_path / "work", lambda line: None
     dm.build(folder, work, copy.deepcopy(SMALL_FULL), phases=("pretrain",), log=quiet)
+    before_cooldown = _unet_fp16(dm.load_default(device="cpu", folder=folder))
+    dm.build(folder, work, copy.deepcopy(SMALL_FULL), phases=("pretrain_cooldown",), log=quiet)
     pretrained = _unet_fp16(dm.load_default(device="cpu", folder=folder))
+    assert any(not torch.equal(pretrained[k], before_cooldown[k]) for k in pretrained)
     snapshot = dm.pretrained_base_file(folder)
     assert not snapshot.exists()
     dm.build(folder, work, copy.deepcopy(SMALL_FULL), phases=("stage1", *dm.STAGE2_PHASES), log=quiet)
@@ -226,3 +230,31 @@ def test_the_cooldown_decays_its_rate_over_its_own_length(built, tmp_path):
     longer["stage2_cooldown"]["steps"] = 4  # a decay planned over 2 steps is not continued over 4
     with pytest.raises(TrainingError, match=r"stage2_cooldown: holds checkpoints of a run with other settings"):
         dm.build(folder, work, longer, phases=("stage2_cooldown",), log=lambda line: None)
+
+
+def test_a_pretraining_cooldown_on_a_built_model_starts_from_its_pretrained_base(tmp_path):
+    """Adding the cooldown to a model built without one continues pretraining, not the stage-2-trained base."""
+    import torch
+
+    from instruct_core.evaluation import variant_pipe
+
+    folder, work, quiet = tmp_path / "model", tmp_path / "work", lambda line: None
+    recipe = {k: v for k, v in copy.deepcopy(SMALL_FULL).items() if k != "pretrain_cooldown"}
+    dm.build(folder, work, recipe, log=quiet)
+    snapshot = dm.pretrained_base_file(folder)
+    pretrained = variant_pipe("text_only", folder)
+    stage2_trained = _unet_fp16(variant_pipe("full", folder))
+
+    dm.build(folder, work, copy.deepcopy(SMALL_FULL), phases=("pretrain_cooldown",), log=quiet)
+    record = json.loads((work / "pretrain_cooldown" / dm.RUN_RECORD).read_text())
+    assert record["base_sha256"] == dm.base_digest(pretrained)  # it started from the snapshot
+    assert not snapshot.exists()  # the cooled base replaces it: the next stage saves a new one
+    cooled = dm.load_default(device="cpu", folder=folder)
+    assert all(float(layer.to_out.weight.abs().max()) == 0 for layer in cooled.model.adapter.layers.values())
+    assert any(not torch.equal(v, stage2_trained[k]) for k, v in _unet_fp16(cooled).items())
+    assert any(not torch.equal(v, _unet_fp16(pretrained)[k]) for k, v in _unet_fp16(cooled).items())
+
+    with pytest.raises(TrainingError, match="stage1: holds checkpoints of a run with other base_sha256"):
+        dm.build(folder, work, copy.deepcopy(SMALL_FULL), phases=("stage1",), log=quiet)  # they grew from the old base
+    dm.build(folder, work / "again", copy.deepcopy(SMALL_FULL), phases=("stage1",), log=quiet)
+    assert all(torch.equal(v, _unet_fp16(cooled)[k]) for k, v in _unet_fp16(variant_pipe("text_only", folder)).items())
