@@ -301,12 +301,13 @@ def run_eval(args) -> int:
     if args.jobs < 1:
         raise UsageError(f"--jobs: {args.jobs} must be at least 1")
     cache = Path(args.cache) if args.cache else None
+    reused: list = []
     results = evaluate(variants, tasks, settings, log=lambda line: print(line, flush=True), jobs=args.jobs,
-                       cache=cache)
+                       cache=cache, reused=reused)
     command = "python -m instruct_core eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else "eval"
     path = write_results(results, settings, [t for t in tasks if t in IN_DOMAIN_TASKS],
                          [t for t in tasks if t in ZERO_SHOT_TASKS], Path(args.out), command,
-                         time.perf_counter() - started)
+                         time.perf_counter() - started, reused=len(reused))
     print(path)
     return 0
 

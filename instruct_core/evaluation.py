@@ -103,12 +103,13 @@ def bootstrap_interval(values, seed: int = 0, resamples: int = 1000) -> tuple[fl
 
 
 def evaluate(variants: list[str], tasks: list[str], settings: EvalSettings, log=print, jobs: int = 1,
-             cache: Path | None = None) -> dict:
+             cache: Path | None = None, reused: list | None = None) -> dict:
     """Scores of every variant on every task: {variant: {task: {metric: [mean, low, high]}}}. With `jobs` > 1
     the variants are scored in that many processes of one thread each (the same numbers: every draw is seeded).
-    With a `cache` folder, scores kept there under the same key are reused and new ones are kept."""
+    With a `cache` folder, scores kept there under the same key are reused and new ones are kept; `reused`,
+    if given, collects the (variant, task) pairs read from the cache."""
     if jobs > 1 and len(variants) > 1:
-        return _evaluate_in_processes(variants, tasks, settings, jobs, cache)
+        return _evaluate_in_processes(variants, tasks, settings, jobs, cache, reused)
     from .bench_metrics import score_batch
     from .bench_tasks import make_split
 
@@ -136,6 +137,8 @@ def evaluate(variants: list[str], tasks: list[str], settings: EvalSettings, log=
                 took = f"{time.perf_counter() - started:.1f}s"
             else:
                 took = "kept"
+                if reused is not None:
+                    reused.append((variant, task))
             results[variant][task] = summary
             log(f"{variant:>20} {task:<18} O={summary['overall'][0]:.3f} SC={summary['sc'][0]:.3f} "
                 f"PQ={summary['pq'][0]:.3f} ({took})")
@@ -199,7 +202,7 @@ def _keep(cache: Path, variant: str, task: str, key: str, summary: dict) -> None
 
 
 def _evaluate_in_processes(variants: list[str], tasks: list[str], settings: EvalSettings, jobs: int,
-                           cache: Path | None) -> dict:
+                           cache: Path | None, reused: list | None) -> dict:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -207,8 +210,10 @@ def _evaluate_in_processes(variants: list[str], tasks: list[str], settings: Eval
     with ProcessPoolExecutor(min(jobs, len(variants)), mp_context=context, initializer=_one_thread) as pool:
         parts = pool.map(_evaluate_one, [(variant, tasks, settings, cache) for variant in variants])
         merged = {}
-        for part in parts:
+        for part, part_reused in parts:
             merged.update(part)
+            if reused is not None:
+                reused.extend(part_reused)
     return {variant: merged[variant] for variant in variants}
 
 
@@ -218,7 +223,10 @@ def _one_thread():
 
 def _evaluate_one(job) -> dict:
     variant, tasks, settings, cache = job
-    return evaluate([variant], tasks, settings, log=lambda line: print(line, flush=True), cache=cache)
+    reused: list = []
+    results = evaluate([variant], tasks, settings, log=lambda line: print(line, flush=True), cache=cache,
+                       reused=reused)
+    return results, reused
 
 
 KEY_METRICS = ("edge_f1", "mask_iou", "depth_order", "subject", "style", "hole", "text")
@@ -313,8 +321,16 @@ def summary_table(results: dict, tasks: list[str], baselines=("text_only", "no_s
     return "\n".join(lines) + "\n\n" + f"Separated 95% intervals, {totals}."
 
 
+def _reuse_note(reused: int, total: int) -> str:
+    if not reused:
+        return ""
+    return f" with {reused} of {total} scores read from the cache, computed by earlier runs"
+
+
 def write_results(results: dict, settings: EvalSettings, in_domain: list[str], zero_shot: list[str], path: Path,
-                  command: str, seconds: float) -> Path:
+                  command: str, seconds: float, reused: int = 0) -> Path:
+    """docs/RESULTS.md's text, tables and plots, and results.json beside it. `seconds` is the run's time;
+    `reused` says how many of its scores came from a cache, so that time is not read as the cost of them all."""
     import platform
 
     import diffusers
@@ -327,7 +343,8 @@ def write_results(results: dict, settings: EvalSettings, in_domain: list[str], z
     text = [
         "# Results on the procedural benchmark",
         "",
-        f"Reproduce with `{command}` ({seconds / 60:.1f} minutes on {platform.machine()} CPU, "
+        f"Reproduce with `{command}` ({seconds / 60:.1f} minutes on {platform.machine()} CPU"
+        f"{_reuse_note(reused, sum(len(by_task) for by_task in results.values()))}, "
         f"torch {torch.__version__}, diffusers {diffusers.__version__}). Every number is the mean over "
         f"{settings.examples_per_task} {settings.split} examples per task with its 95% bootstrap interval "
         f"({settings.split} split seed {settings.seed}; sampler {settings.sampler}/{settings.schedule}, "

@@ -60,6 +60,7 @@ def test_reduced_eval_writes_the_results_tables(tmp_path, capsys):
     kept = sorted(str(p.relative_to(tmp_path / "cache")) for p in (tmp_path / "cache").rglob("*.json"))
     assert kept == ["full/control_subject.json", "full/edge_to_image.json", "text_only/control_subject.json",
                     "text_only/edge_to_image.json"]  # each process kept its variant's scores
+    assert "read from the cache" not in out.read_text()
     text = out.read_text()
     assert "| edge_to_image |" in text and "| control_subject |" in text and "zero-shot" in text
     assert "| task | full − text_only |" in text  # the summary against the baseline
@@ -76,6 +77,11 @@ def test_reduced_eval_writes_the_results_tables(tmp_path, capsys):
                       log=lambda line: None)
     assert single["text_only"]["edge_to_image"] == data["results"]["text_only"]["edge_to_image"]
     assert data["settings"]["split"] == "test"
+    # a rerun reads all four scores back, whichever process kept them, and says so
+    assert main(["eval", "--quick", "--variants", "full,text_only", "--tasks", "edge_to_image,control_subject",
+                 "--out", str(out), "--jobs", "2", "--cfg-context", "3.0", "--cache", str(tmp_path / "cache")]) == 0
+    assert "with 4 of 4 scores read from the cache" in out.read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["results"] == data["results"]
 
 
 def test_eval_defaults_are_the_settings_the_published_tables_used():
@@ -103,10 +109,13 @@ def test_an_eval_goes_on_from_the_scores_it_kept_and_only_from_matching_ones(tmp
             "--cache", str(cache)]
     assert main(args) == 0
     assert "(kept)" not in capsys.readouterr().out
+    assert "read from the cache" not in out.read_text()
     scored = json.loads((tmp_path / "results.json").read_text())["results"]
     assert main(args) == 0
     assert "(kept)" in capsys.readouterr().out
     assert json.loads((tmp_path / "results.json").read_text())["results"] == scored
+    # the run's time is not the cost of scores it only read
+    assert "with 1 of 1 scores read from the cache, computed by earlier runs" in out.read_text()
 
     assert main(args + ["--cfg-context", "3.0"]) == 0  # other settings: scored again, kept beside
     assert "(kept)" not in capsys.readouterr().out
