@@ -31,6 +31,7 @@ ARCHITECTURE = {
         "sample_size": 32, "in_channels": 3, "out_channels": 3, "block_out_channels": [32, 64, 96],
         "layers_per_block": 1, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
         "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 64,
+        # diffusers reads this as the number of heads: 32 of 2-3 channels, slow on a CPU (docs/BENCHMARKS.md)
         "attention_head_dim": 32, "norm_num_groups": 32,
     },
     "text_encoder": {"vocab_size": 49408, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
