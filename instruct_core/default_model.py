@@ -240,20 +240,18 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
     if missing:
         raise ValueError(f"recipe: no settings for phase {missing[0]!r}")
     pretrained_base = pretrained_base_file(folder)
+    def with_fresh_adapter(base):
+        return InstructImagen(base, ContextAugmentedUNet(base.unet, ContextAdapterConfig(**ADAPTER)))
+
     if "pretrain" in phases:
-        base = build_default_base(seed)
-    elif phases[:1] == ("pretrain_cooldown",) and pretrained_base.is_file():
-        # the cooldown continues pretraining: from the base as pretraining left it, with a fresh adapter
-        base = load_variant(pretrained_base, device="cpu", folder=folder).base
-    else:  # later phases continue from the saved model (its pretrained base and adapter)
-        base = None
-    if base is None:
-        pipe = load_default(device="cpu", folder=folder)
-    else:
-        pipe = InstructImagen(base, ContextAugmentedUNet(base.unet, ContextAdapterConfig(**ADAPTER)))
-    if "pretrain" in phases:
+        pipe = with_fresh_adapter(build_default_base(seed))
         measured: dict = {"recipe": recipe, "phases": {}}
     else:
+        if phases[:1] == ("pretrain_cooldown",) and pretrained_base.is_file():
+            # the cooldown continues pretraining: from the base as pretraining left it
+            pipe = with_fresh_adapter(load_variant(pretrained_base, device="cpu", folder=folder).base)
+        else:  # later phases continue from the saved model (its pretrained base and adapter)
+            pipe = load_default(device="cpu", folder=folder)
         measured = json.loads((folder / "config.json").read_text()).get("build", {"phases": {}})
         measured["recipe"] = recipe
     size = ARCHITECTURE["unet"]["sample_size"]
