@@ -109,6 +109,18 @@ def _fp16_weights(modules) -> dict:
             if ".lora_" not in name}
 
 
+def architecture_of(pipe) -> dict:
+    """`ARCHITECTURE`'s entries as the model in `pipe` has them: a model loaded from a folder written by another
+    version keeps its own when saved again."""
+    base = pipe.base
+    unet, encoder = base.unet.config, base.text_encoders[0].config
+    architecture = {"unet": {key: unet[key] for key in ARCHITECTURE["unet"]},
+                    "text_encoder": {key: getattr(encoder, key) for key in ARCHITECTURE["text_encoder"]},
+                    "tokenizer_max_length": base.tokenizers[0].model_max_length,
+                    "scheduler": {key: base.scheduler_config[key] for key in ARCHITECTURE["scheduler"]}}
+    return json.loads(json.dumps(architecture))  # as a run record reads it back: tuples become lists
+
+
 def _adapter_config(pipe) -> dict:
     config = pipe.model.adapter.config.to_dict()
     config["levels"] = list(pipe.model.adapter.levels)
@@ -126,7 +138,7 @@ def save_default(pipe, folder: Path = DEFAULT_DIR, info: dict | None = None) -> 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = _fp16_weights((("unet.", pipe.base.unet), ("text_encoder.", pipe.base.text_encoders[0]),
                              ("adapter.", pipe.model.adapter)))
-    config = {"architecture": ARCHITECTURE, "adapter_config": _adapter_config(pipe), **(info or {})}
+    config = {"architecture": architecture_of(pipe), "adapter_config": _adapter_config(pipe), **(info or {})}
     _save_atomically(tensors, folder / WEIGHTS, {"format": "instruct-imagen-default-model", "format_version": "1"})
     (folder / "config.json.tmp").write_text(json.dumps(config, indent=2))
     (folder / "config.json.tmp").replace(folder / "config.json")
@@ -218,7 +230,8 @@ def _trainer_config(phase: dict, output_dir: Path, seed: int, train_base: str):
         "data": {"source": "benchmark", "resolution": ARCHITECTURE["unet"]["sample_size"]},
         "train": {"steps": phase["steps"], "batch_size": phase["batch_size"], "lr": phase["lr"],
                   "warmup_steps": phase["warmup_steps"], "lr_schedule": _lr_schedule(phase),
-                  "seed": seed, "train_base": train_base},
+                  "seed": seed, "train_base": train_base,
+                  "train_text_encoder": phase.get("train_text_encoder", False)},
         "checkpoint": {"every": 50, "keep": 1},
     })
 
@@ -323,7 +336,8 @@ def run_identity(name: str, settings: dict, seed: int, pipe, train_base: str) ->
     decays = _lr_schedule(settings) != "constant"
     identity = {"phase": name, "seed": seed,
                 "settings": dict(settings) if decays else {k: v for k, v in settings.items() if k != "steps"},
-                "architecture": ARCHITECTURE, "adapter": dict(adapter.config.to_dict(), levels=list(adapter.levels))}
+                "architecture": architecture_of(pipe),
+                "adapter": dict(adapter.config.to_dict(), levels=list(adapter.levels))}
     if name != "pretrain":
         identity["base_sha256"] = base_digest(pipe)
     return identity

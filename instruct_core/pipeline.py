@@ -146,6 +146,10 @@ class InstructImagen:
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompt embeddings (N, L, D) and, for SDXL-style bases, pooled embeddings (N, P)."""
+        return self.embed_text(texts)
+
+    def embed_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`encode_text` keeping the graph, for training the text encoders."""
         embeddings, pooled = [], None
         use_penultimate = self.base.kind == "sdxl"
         for tokenizer, encoder in zip(self.base.tokenizers, self.base.text_encoders):

@@ -65,6 +65,7 @@ class OptimConfig:
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0               # 0 disables EMA; e.g. 0.999
     train_base: str = "adapter"          # adapter (base frozen) | lora | full
+    train_text_encoder: bool = False     # the base's text encoder(s) too, whole (exported with the base)
     lora_rank: int = 8
     p_drop_all: float = 0.1              # condition dropout: text and contexts together
     p_drop_context: float = 0.1          # condition dropout: contexts only
@@ -111,6 +112,8 @@ class TrainConfig:
             (self.train.optimizer in ("adamw", "adafactor"), "train.optimizer", "must be adamw or adafactor"),
             (self.train.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "must be no, fp16 or bf16"),
             (self.train.train_base in ("adapter", "lora", "full"), "train.train_base", "must be adapter, lora or full"),
+            (not self.train.train_text_encoder or self.train.train_base == "full", "train.train_text_encoder",
+             "needs train.train_base: full (the text encoders are exported with the base)"),
             (0 <= self.train.ema_decay < 1, "train.ema_decay", "must be in [0, 1)"),
             (self.train.lora_rank >= 1, "train.lora_rank", "must be at least 1"),
             (self.train.seed >= 0, "train.seed", "must be >= 0"),

@@ -248,9 +248,19 @@ class Trainer:
         # Trainable parameters are kept in fp32 even when the frozen base runs in half precision.
         trainable = {f"adapter.{n}": p for n, p in model.adapter.named_parameters()}
         trainable.update({f"unet.{n}": p for n, p in model.unet.named_parameters() if p.requires_grad})
+        if self.config.train.train_text_encoder:
+            for prefix, encoder in self._text_encoders():
+                encoder.requires_grad_(True)
+                encoder.train()
+                trainable.update({f"{prefix}.{n}": p for n, p in encoder.named_parameters()})
         for p in trainable.values():
             p.data = p.data.float()
         return trainable
+
+    def _text_encoders(self):
+        """(name, encoder) pairs as diffusers names them: text_encoder, text_encoder_2."""
+        return [("text_encoder" + (f"_{i + 1}" if i else ""), encoder)
+                for i, encoder in enumerate(self.pipe.base.text_encoders)]
 
     def _make_optimizer(self):
         train = self.config.train
@@ -299,10 +309,16 @@ class Trainer:
 
     def load_state_dict(self, step: int, state: dict):
         self._check_lr_schedule(state.get("lr_schedule"))  # absent from older checkpoints
+        missing = next((n for n in self.trainable if n not in state["trainable"]), None)
+        if missing is not None:
+            raise TrainingError(f"resume: checkpoint lacks parameter {missing} (different train_base, "
+                                f"train_text_encoder or adapter?)")
+        unused = next((n for n in state["trainable"] if n not in self.trainable), None)
+        if unused is not None:  # its training would be lost without a word
+            raise TrainingError(f"resume: checkpoint trains {unused}, which this run does not (different "
+                                f"train_base, train_text_encoder or adapter?)")
         with torch.no_grad():
             for name, p in self.trainable.items():
-                if name not in state["trainable"]:
-                    raise TrainingError(f"resume: checkpoint lacks parameter {name} (different train_base or adapter?)")
                 p.copy_(state["trainable"][name])
         self.optimizer.load_state_dict(state["optimizer"])
         scheduler_state = self.scheduler.state_dict()
@@ -421,25 +437,26 @@ class Trainer:
     def _loss(self, module, examples: list[ExampleTensors], seed: int):
         pipe = self.pipe
         device = self.accelerator.device
-        with torch.no_grad():
-            x0 = pipe.to_model_space(torch.stack([e.target for e in examples]).to(device))
-            text, pooled = pipe.encode_text([e.text for e in examples])
-            added = pipe.added_cond(pooled, *examples[0].target.shape[-2:])
-            layout, offset = [], 0
-            for e in examples:
-                layout.append(list(range(offset, offset + len(e.context_images))))
-                offset += len(e.context_images)
-            context_images = context_text = context_added = weights = masks = None
-            modalities = [m for e in examples for m in e.modalities]
-            if offset:
-                context_images = pipe.to_model_space(torch.stack([i for e in examples for i in e.context_images]))
-                context_text, context_pooled = pipe.encode_text([t for e in examples for t in e.context_texts])
-                context_added = pipe.added_cond(context_pooled, *examples[0].target.shape[-2:])
-                weights = torch.tensor([w for e in examples for w in e.weights], device=device)
-                flat_masks = [m for e in examples for m in e.masks]
-                if any(m is not None for m in flat_masks):
-                    ones = torch.ones_like(examples[0].target[0])
-                    masks = torch.stack([ones if m is None else m for m in flat_masks]).to(device)
+        # the text encoders keep their graph only when they are trained (encoding images never does)
+        encode_text = pipe.embed_text if self.config.train.train_text_encoder else pipe.encode_text
+        x0 = pipe.to_model_space(torch.stack([e.target for e in examples]).to(device))
+        text, pooled = encode_text([e.text for e in examples])
+        added = pipe.added_cond(pooled, *examples[0].target.shape[-2:])
+        layout, offset = [], 0
+        for e in examples:
+            layout.append(list(range(offset, offset + len(e.context_images))))
+            offset += len(e.context_images)
+        context_images = context_text = context_added = weights = masks = None
+        modalities = [m for e in examples for m in e.modalities]
+        if offset:
+            context_images = pipe.to_model_space(torch.stack([i for e in examples for i in e.context_images]))
+            context_text, context_pooled = encode_text([t for e in examples for t in e.context_texts])
+            context_added = pipe.added_cond(context_pooled, *examples[0].target.shape[-2:])
+            weights = torch.tensor([w for e in examples for w in e.weights], device=device)
+            flat_masks = [m for e in examples for m in e.masks]
+            if any(m is not None for m in flat_masks):
+                ones = torch.ones_like(examples[0].target[0])
+                masks = torch.stack([ones if m is None else m for m in flat_masks]).to(device)
         with self.accelerator.autocast():
             return module(x0, text, context_images, context_text, modalities, layout, weights, masks,
                           added, context_added, generator_seed=seed)
@@ -480,8 +497,8 @@ class Trainer:
 
     def _save_base_weights(self):
         """LoRA travels inside the adapter file; a fully fine-tuned base is written as a checkpoint of its own:
-        a single-file SD/SDXL checkpoint (usable as --model and in ComfyUI) or, for other bases, the UNet's
-        weights in diffusers layout."""
+        a single-file SD/SDXL checkpoint (usable as --model and in ComfyUI; its text encoders in it too) or, for
+        other bases, the UNet's weights in diffusers layout, and trained text encoders beside them."""
         if self.config.train.train_base != "full":
             return
         base = self.pipe.base
@@ -492,10 +509,15 @@ class Trainer:
             return
         from safetensors.torch import save_file
 
-        tensors = {k: v.detach().cpu().contiguous() for k, v in base.unet.state_dict().items()}
-        tmp = self.output_dir / "base_unet.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={"train_base": "full"})
-        tmp.replace(self.output_dir / "base_unet.safetensors")
+        parts = [("base_unet", base.unet.state_dict())]
+        if self.config.train.train_text_encoder:
+            parts.append(("base_text_encoders", {f"{prefix}.{k}": v for prefix, encoder in self._text_encoders()
+                                                 for k, v in encoder.state_dict().items()}))
+        for name, state in parts:
+            tmp = self.output_dir / f"{name}.safetensors.tmp"
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp),
+                      metadata={"train_base": "full"})
+            tmp.replace(self.output_dir / f"{name}.safetensors")
 
     @torch.no_grad()
     def validate(self):

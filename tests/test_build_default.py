@@ -258,3 +258,21 @@ def test_a_pretraining_cooldown_on_a_built_model_starts_from_its_pretrained_base
         dm.build(folder, work, copy.deepcopy(SMALL_FULL), phases=("stage1",), log=quiet)  # they grew from the old base
     dm.build(folder, work / "again", copy.deepcopy(SMALL_FULL), phases=("stage1",), log=quiet)
     assert all(torch.equal(v, _unet_fp16(cooled)[k]) for k, v in _unet_fp16(variant_pipe("text_only", folder)).items())
+
+
+def test_a_model_saved_again_keeps_its_own_architecture(built, tmp_path):
+    root, _ = built
+    assert json.loads((root / "model" / "config.json").read_text())["architecture"] == \
+        json.loads(json.dumps(dm.ARCHITECTURE))
+    # a folder written with other heads than this version's
+    other = copy.deepcopy(dm.ARCHITECTURE)
+    other["unet"]["attention_head_dim"] = dm.ARCHITECTURE["unet"]["attention_head_dim"] // 2
+    folder = tmp_path / "other"
+    shutil.copytree(root / "model", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, architecture=other)))
+    dm.save_default(dm.load_default(device="cpu", folder=folder), tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "config.json").read_text())["architecture"]
+    assert again == json.loads(json.dumps(other))
+    assert dm.load_default(device="cpu", folder=tmp_path / "again").base.unet.config.attention_head_dim == \
+        other["unet"]["attention_head_dim"]

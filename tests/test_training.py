@@ -377,3 +377,43 @@ def test_held_out_loss_is_repeatable_and_sees_the_weights(dataset, tmp_path):
         for name, parameter in pipe.model.adapter.named_parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))  # the zero-init output layers now act
     assert trainer.held_out_loss(examples, batch_size=4) != first
+
+
+def test_the_text_encoder_trains_on_request_and_resumes(dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    from instruct_core.training import TrainingError
+
+    def encoder_weights(pipe):
+        return {k: v.clone() for k, v in pipe.base.text_encoders[0].state_dict().items()}
+
+    frozen = _fresh_pipe()
+    before = encoder_weights(frozen)
+    run_training(_config(tmp_path / "frozen", 2, dataset, steps=2, train_base="full"), pipe=frozen)
+    assert all(torch.equal(before[k], v) for k, v in encoder_weights(frozen).items())
+
+    config = _config(tmp_path / "trained", 2, dataset, steps=2, train_base="full", train_text_encoder=True)
+    trained = _fresh_pipe()
+    run_training(config, pipe=trained)
+    after = encoder_weights(trained)
+    changed = [k for k in after if not torch.equal(before[k], after[k])]
+    assert "embeddings.token_embedding.weight" in changed
+    assert any(k.startswith("encoder.layers.") for k in changed)  # the layers, not only the looked-up embeddings
+    exported = load_file(tmp_path / "trained" / "stage2" / "base_text_encoders.safetensors")
+    assert torch.equal(exported["text_encoder.embeddings.token_embedding.weight"],
+                       after["embeddings.token_embedding.weight"])
+
+    # a resume restores the encoder (the run is finished: nothing trains after it), and one that would drop
+    # its training is refused
+    resumed = _fresh_pipe()
+    run_training(config, pipe=resumed, resume=True)
+    assert all(torch.equal(after[k], v) for k, v in encoder_weights(resumed).items())
+    config.train.train_text_encoder = False
+    with pytest.raises(TrainingError, match="checkpoint trains text_encoder.*train_text_encoder"):
+        run_training(config, pipe=_fresh_pipe(), resume=True)
+
+
+def test_training_the_text_encoder_needs_the_full_base(tmp_path):
+    with pytest.raises(ConfigError, match="train.train_text_encoder.*train_base: full"):
+        config_from_dict({"stage": 2, "base_model": "tiny", "output_dir": str(tmp_path),
+                          "train": {"train_text_encoder": True, "train_base": "lora"}})
