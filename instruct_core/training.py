@@ -258,9 +258,10 @@ class Trainer:
         return trainable
 
     def _text_encoders(self):
-        """(name, encoder) pairs as diffusers names them: text_encoder, text_encoder_2."""
-        return [("text_encoder" + (f"_{i + 1}" if i else ""), encoder)
-                for i, encoder in enumerate(self.pipe.base.text_encoders)]
+        """(name, encoder) pairs, named as in a diffusers folder."""
+        from .loading import TEXT_ENCODER_NAMES
+
+        return list(zip(TEXT_ENCODER_NAMES, self.pipe.base.text_encoders))
 
     def _make_optimizer(self):
         train = self.config.train
