@@ -17,6 +17,13 @@ import torch
 
 SCHEDULES = ("normal", "karras", "sgm_uniform", "ddim_uniform")
 
+# The top of the "karras" schedule when a model's table reaches higher: EDM's sampling range (Karras et al. 2022).
+# The cosine schedule's capped last step sits at sigma 20,291 (zero terminal SNR's at 4,096); a 12-step Karras ramp
+# up there spends 8 steps above sigma 60, where the input holds under 1/60 of signal, and leaves the picture
+# grainy. Starting at 80 loses nothing (the model sees noise either way). Tables below 80 (Stable Diffusion's
+# 14.6) are untouched, so there "karras" is diffusers' use_karras_sigmas=True exactly.
+KARRAS_SIGMA_MAX = 80.0
+
 
 class DiscreteSchedule:
     """The sigma table of a model trained on timesteps 0..T-1, and the maps between sigma and timestep."""
@@ -124,7 +131,8 @@ def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
 def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. (2022): sigma_i = (max^(1/rho) + i/(n-1) * (min^(1/rho) - max^(1/rho)))^rho, then 0.
 
-    With sigma_min/sigma_max the ends of the model's table this is diffusers' `use_karras_sigmas=True`.
+    With sigma_min/sigma_max the ends of the model's table this is diffusers' `use_karras_sigmas=True`;
+    `get_sigmas(..., "karras")` caps sigma_max at KARRAS_SIGMA_MAX.
     """
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
@@ -176,7 +184,7 @@ def get_sigmas(schedule: DiscreteSchedule, n: int, name: str = "normal") -> torc
     if name == "normal":
         return get_sigmas_normal(schedule, n)
     if name == "karras":
-        return get_sigmas_karras(n, schedule.sigma_min, schedule.sigma_max)
+        return get_sigmas_karras(n, schedule.sigma_min, min(schedule.sigma_max, KARRAS_SIGMA_MAX))
     if name == "sgm_uniform":
         return get_sigmas_sgm_uniform(schedule, n)
     if name == "ddim_uniform":

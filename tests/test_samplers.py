@@ -20,8 +20,8 @@ from instruct_core.denoiser import DiscreteDenoiser
 from instruct_core.samplers import (SAMPLERS, SamplingCancelled, default_noise_sampler, prepare_noise,
                                     sample_ddim, sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun,
                                     sample_unipc)
-from instruct_core.schedules import (DiscreteSchedule, get_sigmas, get_sigmas_ddim, get_sigmas_karras,
-                                     get_sigmas_normal, sigmas_for_denoise)
+from instruct_core.schedules import (KARRAS_SIGMA_MAX, DiscreteSchedule, get_sigmas, get_sigmas_ddim,
+                                     get_sigmas_karras, get_sigmas_normal, sigmas_for_denoise)
 
 SD_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 SHAPE = (2, 3, 4, 4)
@@ -125,6 +125,20 @@ def test_normal_and_karras_sigmas_match_euler(schedule, steps):
     karras.set_timesteps(steps)
     assert torch.allclose(get_sigmas(schedule, steps, "karras"), karras.sigmas, rtol=1e-5)
     assert torch.allclose(get_sigmas_karras(steps, schedule.sigma_min, schedule.sigma_max), karras.sigmas, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", [{"beta_schedule": "squaredcos_cap_v2"},
+                                    {**SD_CONFIG, "rescale_betas_zero_snr": True}], ids=["cosine", "zero_snr"])
+def test_karras_starts_at_edm_sigma_max_where_the_table_reaches_higher(config):
+    table = DiscreteSchedule.from_scheduler_config(config)
+    assert table.sigma_max > 1000
+    sigmas = get_sigmas(table, 12, "karras")
+    assert sigmas[0] == pytest.approx(KARRAS_SIGMA_MAX)
+    assert sigmas[-2] == pytest.approx(table.sigma_min) and sigmas[-1] == 0
+    assert torch.allclose(sigmas, get_sigmas_karras(12, table.sigma_min, KARRAS_SIGMA_MAX))
+    # the table's own top would leave most steps in pure noise; capped, all but the first lie below sigma 60
+    assert (get_sigmas_karras(12, table.sigma_min, table.sigma_max)[:-1] > 60).sum() >= 6
+    assert (sigmas[:-1] > 60).sum() == 1
 
 
 def test_sgm_uniform_and_ddim_sigmas_match_their_schedulers(schedule):
