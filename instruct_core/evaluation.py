@@ -41,7 +41,7 @@ class EvalSettings:
     sampler: str = "dpmpp_2m"
     schedule: str = "karras"
     text_scale: float = 3.0
-    context_scale: float = 2.0
+    context_scale: float = 3.0
     batch_size: int = 32
     split: str = "test"  # "train" to choose settings without looking at the test split
 

@@ -82,7 +82,7 @@ class InstructSampler(io.ComfyNode):
                 io.Combo.Input("schedule", options=list(SCHEDULES), default="karras"),
                 io.Float.Input("cfg_text", default=5.0, min=0.0, max=30.0, step=0.1, round=0.01,
                                tooltip="Guidance towards the text."),
-                io.Float.Input("cfg_context", default=2.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                io.Float.Input("cfg_context", default=3.0, min=0.0, max=30.0, step=0.1, round=0.01,
                                tooltip="Guidance towards the context images."),
                 io.Combo.Input("guidance", options=list(GUIDANCE_MODES), default="dual"),
                 io.Int.Input("width", default=0, min=0, max=MAX_SIZE, step=4,

@@ -117,7 +117,7 @@ def test_an_eval_goes_on_from_the_scores_it_kept_and_only_from_matching_ones(tmp
     # the run's time is not the cost of scores it only read
     assert "with 1 of 1 scores read from the cache, computed by earlier runs" in out.read_text()
 
-    assert main(args + ["--cfg-context", "3.0"]) == 0  # other settings: scored again, kept beside
+    assert main(args + ["--cfg-context", "5.0"]) == 0  # other settings: scored again, kept beside
     assert "(kept)" not in capsys.readouterr().out
     kept = cache / "text_only" / "edge_to_image.json"
     stored = json.loads(kept.read_text())
