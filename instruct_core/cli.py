@@ -32,7 +32,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .guidance import GUIDANCE_MODES
+    from .guidance import GUIDANCE_MODES, GuidanceConfig
     from .samplers import SAMPLERS
     from .schedules import SCHEDULES
 
@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampler", default="dpmpp_2m", choices=tuple(SAMPLERS))
     gen.add_argument("--schedule", default="karras", choices=tuple(SCHEDULES))
     gen.add_argument("--cfg-text", type=float, default=5.0, help="text guidance scale s_t")
-    gen.add_argument("--cfg-context", type=float, default=3.0, help="context guidance scale s_c")
+    gen.add_argument("--cfg-context", type=float, default=GuidanceConfig.context_scale,
+                     help="context guidance scale s_c")
     gen.add_argument("--guidance", default="dual", choices=GUIDANCE_MODES)
     gen.add_argument("--width", type=int, default=None, help="default: the model's native size")
     gen.add_argument("--height", type=int, default=None)
@@ -86,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="docs/RESULTS.md")
     evaluate.add_argument("--quick", action="store_true", help="a reduced run (CI): 4 examples, 8 steps")
     evaluate.add_argument("--cfg-text", type=float, default=3.0, help="text guidance scale s_t")
-    evaluate.add_argument("--cfg-context", type=float, default=3.0,
-                          help="context guidance scale s_c (3.0: chosen on the training split, see RESULTS.md)")
+    evaluate.add_argument("--cfg-context", type=float, default=GuidanceConfig.context_scale,
+                          help=f"context guidance scale s_c ({GuidanceConfig.context_scale}: chosen on the training "
+                               "split, see RESULTS.md)")
     evaluate.add_argument("--split", default="test", choices=("test", "train"),
                           help="train: tune settings on training examples, never on the test split")
     evaluate.add_argument("--jobs", type=int, default=1,

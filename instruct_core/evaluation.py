@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .default_model import DEFAULT_DIR
+from .guidance import Conditioning, GuidanceConfig
 
 EVALUATOR_FILE = DEFAULT_DIR / "evaluator.safetensors"
 SINGLE_TASKS = ("edge_to_image", "subject")
@@ -41,7 +42,7 @@ class EvalSettings:
     sampler: str = "dpmpp_2m"
     schedule: str = "karras"
     text_scale: float = 3.0
-    context_scale: float = 3.0
+    context_scale: float = GuidanceConfig.context_scale
     batch_size: int = 32
     split: str = "test"  # "train" to choose settings without looking at the test split
 
@@ -79,7 +80,6 @@ def load_evaluator():
 @torch.no_grad()
 def generate_for(pipe, examples, settings: EvalSettings) -> list:
     """One image per example, batched: the instructions are encoded one by one and sampled together."""
-    from .guidance import Conditioning, GuidanceConfig
     from .pipeline import tensor_to_pil
 
     guidance = GuidanceConfig(settings.text_scale, settings.context_scale)
