@@ -72,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--work-dir", default="runs/default_model", help="checkpoints and logs")
     build.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps (e.g. 0.01 to try)")
     build.add_argument("--phases",
-                       default="pretrain,pretrain_cooldown,stage1,stage2,stage2_focus,stage2_cooldown,evaluator",
+                       default="pretrain,pretrain_cooldown,stage1,stage2,stage2_focus,stage2_cooldown,stage2_subjects,"
+                               "evaluator",
                        help="comma-separated: pretrain, pretrain_cooldown, stage1, stage2, stage2_focus, "
-                            "stage2_cooldown, evaluator, ablations (training phases run in that order)")
+                            "stage2_cooldown, stage2_subjects, evaluator, ablations (training phases run in that order)")
 
     evaluate = commands.add_parser("eval", help="score models on the procedural benchmark; writes docs/RESULTS.md")
     evaluate.add_argument("--variants", default="full,text_only,no_stage1,single:edge_to_image,single:subject")

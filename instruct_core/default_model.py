@@ -6,7 +6,8 @@ It is built in three phases, all with this package's own trainer:
   1. stage 1: retrieval-augmented training (neighbours from the base's own encoder),
   2. stage 2: multi-task instruction tuning on the benchmark's in-domain tasks, then a focus phase
      (`stage2_focus`) on the tasks that take content rather than a layout from a reference, and a cooldown
-     (`stage2_cooldown`): the focus mix again while the learning rate decays linearly to 0.
+     (`stage2_cooldown`): the focus mix again while the learning rate decays linearly to 0, and last a
+     subject phase (`stage2_subjects`): a mix that is mostly subjects, its rate decaying linearly to 0 again.
 Stages 1 and 2 train the adapter and, as in Instruct-Imagen, the base UNet too (`train_base` per phase): a
 frozen base draws only what pretraining showed it, plain scenes here. The pretrained base is
 kept beside the model (`ablations/text_only.safetensors`) as the text-only baseline and the start of the
@@ -61,6 +62,13 @@ FOCUS_MIX = {"subject": 0.30, "styled_generation": 0.22, "style_transfer": 0.22,
              "text_to_image": 0.04, "edge_to_image": 0.025, "sketch_to_image": 0.025, "mask_to_image": 0.025,
              "depth_to_image": 0.025}
 
+# Subjects are the last task to be learnt: carrying a composite object from a reference over into a new place took
+# thousands of subject steps where the layout tasks took hundreds (docs/RESULTS.md, "Why subjects..."). Their
+# phase keeps a little of every other task in, so those are not forgotten, as subject-only steps made them.
+SUBJECT_MIX = {"subject": 0.60, "styled_generation": 0.08, "style_transfer": 0.08, "inpainting": 0.08,
+               "text_to_image": 0.04, "edge_to_image": 0.03, "sketch_to_image": 0.03, "mask_to_image": 0.03,
+               "depth_to_image": 0.03}
+
 RECIPE = {
     "seed": 0,
     "pretrain": {"steps": 5100, "batch_size": 16, "lr": 6e-4, "warmup_steps": 100},
@@ -71,11 +79,13 @@ RECIPE = {
                      "mix": FOCUS_MIX},
     "stage2_cooldown": {"steps": 800, "batch_size": 12, "lr": 3e-4, "warmup_steps": 0, "train_base": "full",
                         "lr_schedule": "linear", "mix": FOCUS_MIX},
+    "stage2_subjects": {"steps": 3600, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "train_base": "full",
+                        "lr_schedule": "linear", "mix": SUBJECT_MIX},
     "single_task_steps": 200,  # the single-task ablations' budget
 }
 
 PRETRAIN_PHASES = ("pretrain", "pretrain_cooldown")
-STAGE2_PHASES = ("stage2", "stage2_focus", "stage2_cooldown")
+STAGE2_PHASES = ("stage2", "stage2_focus", "stage2_cooldown", "stage2_subjects")
 TRAINING_PHASES = (*PRETRAIN_PHASES, "stage1", *STAGE2_PHASES)
 
 ABLATIONS = "ablations"
@@ -432,8 +442,9 @@ def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subje
                     work_dir: Path = Path("runs/default_model"), recipe: dict = RECIPE, log=print) -> dict:
     """The evaluation's ablations, each trained from the default model's pretrained base: an adapter file
     when the recipe trains the adapter alone, a variant file (`save_variant`) when it trains the base too.
-    `no_stage1` spends stage 1's steps on stage 2 and then runs the same later stage-2 phases (focus, cooldown)
-    as the full model."""
+    `no_stage1` spends stage 1's steps on stage 2 and then runs the same later stage-2 phases (focus, cooldown,
+    subjects) as the full model. A saved variant whose phases are the first of its runs continues from its
+    file, as the full model's later phases continue from the saved model."""
     from .context_unet import ContextAdapterConfig, ContextAugmentedUNet
     from .adapter_io import save_adapter
     from .pipeline import InstructImagen
@@ -458,8 +469,14 @@ def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subje
         else:
             runs = [("stage2", name, dict(recipe["stage2"], steps=recipe["single_task_steps"],
                                           mix={variant.split(":", 1)[1]: 1.0}))]
+        path = folder / ABLATIONS / f"{name}.safetensors"
         steps, seconds, trains_base = [], 0.0, False
-        for phase, run_name, settings in runs:
+        done = _finished_runs(path, variant, [settings["steps"] for _, _, settings in runs])
+        if done:
+            pipe = load_variant(path, device="cpu", folder=folder)
+            steps, trains_base = [settings["steps"] for _, _, settings in runs[:done]], True
+            log(f"{variant}: continues {path.name} after its first {done} phase(s)")
+        for phase, run_name, settings in runs[done:]:
             train_base = settings.get("train_base", "adapter")
             trains_base |= train_base != "adapter"
             trainer = Trainer(_trainer_config(settings, work_dir / run_name, seed, train_base), pipe,
@@ -469,10 +486,25 @@ def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subje
             record_finished(trainer.checkpoint_dir, pipe)
             steps.append(result.step)
             seconds += result.report["train_seconds"]
-        path = folder / ABLATIONS / f"{name}.safetensors"
         info = {"variant": variant, "trained_steps": sum(steps), "phase_steps": steps}
         path = save_variant(pipe, path, info) if trains_base else save_adapter(pipe.model, path, info)
+        last = result.losses[-50:] if runs[done:] else []
         measured[variant] = {"steps": sum(steps), "seconds": round(seconds, 1),
-                             "loss_last_50": round(sum(result.losses[-50:]) / max(1, len(result.losses[-50:])), 5)}
+                             "loss_last_50": round(sum(last) / len(last), 5) if last else None}
         log(f"{variant}: {measured[variant]} -> {path.name}")
     return measured
+
+
+def _finished_runs(path: Path, variant: str, run_steps: list[int]) -> int:
+    """How many of an ablation's runs its saved variant file already holds (0 if none, or if the file's phases
+    are not the first of `run_steps`: another recipe's, which is trained again from the pretrained base)."""
+    if not path.is_file() or not is_variant_file(path):
+        return 0
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        info = json.loads((handle.metadata() or {}).get("info", "{}"))
+    held = info.get("phase_steps", [])
+    if info.get("variant") != variant or not held or held != run_steps[:len(held)]:
+        return 0
+    return len(held)

@@ -50,6 +50,15 @@ class GuidanceConfig:
             raise ValueError(f"guidance oscillate_fraction: {self.oscillate_fraction} is not within [0, 1]")
 
 
+def cat_text(embeddings: list[torch.Tensor]) -> torch.Tensor:
+    """Prompt embeddings (N, L, D) stacked along the batch. A long text is several encoder windows long
+    (`InstructImagen.embed_text`); shorter ones are repeated to the common length, which leaves their
+    cross-attention unchanged (softmax over repeated keys is softmax over them once)."""
+    lengths = [e.shape[1] for e in embeddings]
+    common = math.lcm(*lengths)
+    return torch.cat([e.repeat(1, common // length, 1) for e, length in zip(embeddings, lengths)])
+
+
 @dataclass
 class Conditioning:
     """An encoded instruction for B rows: everything the UNet needs at every step, computed once."""
@@ -71,7 +80,7 @@ class Conditioning:
     @classmethod
     def concat(cls, conds: list["Conditioning"]) -> "Conditioning":
         """Stack encoded instructions along the batch (each row may have its own contexts, K included)."""
-        cat = lambda get: torch.cat([get(c) for c in conds])
+        cat = lambda get: cat_text([get(c) for c in conds])
         states = [c.context_state for c in conds]
         if any(s is not None for s in states):
             like = next(s for s in states if s is not None)
@@ -118,7 +127,7 @@ def stack_branches(cond: Conditioning, branches: tuple[str, ...]) -> BatchedCond
     if added[0] is not None:
         added_kwargs = {key: torch.cat([a[key] for a in added]) for key in added[0]}
     state = ContextState.concat(states) if states else None
-    return BatchedCondition(torch.cat(texts), state, added_kwargs)
+    return BatchedCondition(cat_text(texts), state, added_kwargs)
 
 
 def branch_weights(config: GuidanceConfig, step: int, num_steps: int, has_contexts: bool) -> dict[str, float]:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -84,13 +85,48 @@ class MaskedDenoiser:
         return self.inner(x, sigma, **kwargs) * (1.0 - self.keep) + self.init * self.keep
 
 
+# How a text longer than the encoder's window is read: in windows joined together, or cut at the window.
+LONG_TEXT = ("chunk", "truncate")
+MAX_TEXT_WINDOWS = 8  # a longer text is refused: 8 windows are 600 tokens for CLIP
+
+
+def _text_windows(tokenizer, text: str) -> int:
+    """How many encoder windows `text` needs (each holds the window length less its start and end tokens)."""
+    words = len(tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
+    room = tokenizer.model_max_length - 2
+    count = max(1, -(-words // room))
+    if count > MAX_TEXT_WINDOWS:
+        raise InstructionError(f"text: {words} tokens is longer than this model reads "
+                               f"({MAX_TEXT_WINDOWS} windows of {room}); shorten it")
+    return count
+
+
+def _window_ids(tokenizer, texts: list[str], windows: list[int], chunked: bool) -> torch.Tensor:
+    """Token ids, one row per window: each window framed by the start and end tokens and padded."""
+    length = tokenizer.model_max_length
+    if not chunked:
+        return tokenizer(texts, padding="max_length", max_length=length, truncation=True,
+                         return_tensors="pt").input_ids
+    room, rows = length - 2, []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for text, count in zip(texts, windows):
+        words = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
+        for k in range(count):
+            row = [tokenizer.bos_token_id, *words[k * room:(k + 1) * room], tokenizer.eos_token_id]
+            rows.append(row + [pad] * (length - len(row)))
+    return torch.tensor(rows, dtype=torch.long)
+
+
 class InstructImagen:
     """A base model (UNet, text encoders, optional VAE) with a context adapter, ready to follow instructions."""
 
-    def __init__(self, base: BaseModel, model: ContextAugmentedUNet):
+    def __init__(self, base: BaseModel, model: ContextAugmentedUNet, long_text: str = "chunk"):
+        if long_text not in LONG_TEXT:
+            raise ValueError(f"long_text: expected one of {', '.join(LONG_TEXT)}, got {long_text!r}")
         self.base = base
         self.model = model
         self.schedule = DiscreteSchedule.from_scheduler_config(base.scheduler_config)
+        self.long_text = long_text
 
     @classmethod
     def from_base(cls, base: BaseModel, adapter: str | None = None,
@@ -149,16 +185,30 @@ class InstructImagen:
         return self.embed_text(texts)
 
     def embed_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`encode_text` keeping the graph, for training the text encoders."""
+        """`encode_text` keeping the graph, for training the text encoders.
+
+        A text longer than the encoder's window is, with `long_text="chunk"` (as ComfyUI encodes prompts),
+        split into windows encoded one by one and joined along the sequence, so no word is lost; "truncate"
+        drops the tail (as diffusers' pipelines do). Every text in the batch is brought to the same number of
+        windows by repeating its own: cross-attention over a repeated sequence equals attention over it once,
+        so a short text encodes exactly as it does alone. Pooled embeddings come from the first window.
+        """
+        chunked = self.long_text == "chunk"
+        windows = [_text_windows(self.base.tokenizers[0], text) if chunked else 1 for text in texts]
+        repeat = [math.lcm(*windows) // count for count in windows]
         embeddings, pooled = [], None
         use_penultimate = self.base.kind == "sdxl"
         for tokenizer, encoder in zip(self.base.tokenizers, self.base.text_encoders):
-            tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                               truncation=True, return_tensors="pt").input_ids.to(encoder.device)
-            output = encoder(tokens, output_hidden_states=use_penultimate)
-            embeddings.append(output.hidden_states[-2] if use_penultimate else output[0])
+            ids = _window_ids(tokenizer, texts, windows, chunked).to(encoder.device)
+            output = encoder(ids, output_hidden_states=use_penultimate)
+            hidden = output.hidden_states[-2] if use_penultimate else output[0]
+            # (sum of windows, L, D) -> per text, its windows side by side, repeated to the common length
+            parts = hidden.split(windows)
+            embeddings.append(torch.stack([part.reshape(-1, part.shape[-1]).repeat(times, 1)
+                                           for part, times in zip(parts, repeat)]))
             if hasattr(output, "text_embeds"):
-                pooled = output.text_embeds
+                firsts = torch.tensor([0, *np.cumsum(windows)[:-1]], device=hidden.device)
+                pooled = output.text_embeds[firsts]
         return torch.cat(embeddings, dim=-1).to(self.dtype), None if pooled is None else pooled.to(self.dtype)
 
     def added_cond(self, pooled, height: int, width: int) -> dict | None:

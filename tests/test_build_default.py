@@ -23,6 +23,8 @@ SMALL = {
                      "mix": {"subject": 0.5, "style_transfer": 0.5}},
     "stage2_cooldown": {"steps": 2, "batch_size": 2, "lr": 3e-4, "warmup_steps": 0, "lr_schedule": "linear",
                         "mix": {"subject": 0.5, "inpainting": 0.5}},
+    "stage2_subjects": {"steps": 2, "batch_size": 2, "lr": 3e-4, "warmup_steps": 0, "lr_schedule": "linear",
+                        "mix": {"subject": 0.5, "edge_to_image": 0.5}},
     "single_task_steps": 2,
     "probe_size": 8,
 }
@@ -111,6 +113,13 @@ for _phase in ("stage1", *dm.STAGE2_PHASES):
     SMALL_FULL[_phase]["train_base"] = "full"
 
 
+def _phase_steps(variant_file):
+    from safetensors import safe_open
+
+    with safe_open(str(variant_file), framework="pt") as handle:
+        return json.loads(handle.metadata()["info"])["phase_steps"]
+
+
 def _unet_fp16(pipe):
     import torch
 
@@ -119,7 +128,6 @@ def _unet_fp16(pipe):
 
 def test_stages_that_train_the_base_keep_the_pretrained_one_as_the_text_only_baseline(tmp_path):
     import torch
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from instruct_core.evaluation import variant_pipe
@@ -148,14 +156,35 @@ def test_stages_that_train_the_base_keep_the_pretrained_one_as_the_text_only_bas
     assert any(not torch.equal(v, pretrained[k]) and not torch.equal(v, full[k])
                for k, v in _unet_fp16(no_stage1).items())  # trained on its own from the pretrained base
     steps = [SMALL_FULL["stage1"]["steps"] + SMALL_FULL["stage2"]["steps"], SMALL_FULL["stage2_focus"]["steps"],
-             SMALL_FULL["stage2_cooldown"]["steps"]]
-    # stage 2 on stage 1's budget, then the same focus and cooldown as the full model
+             SMALL_FULL["stage2_cooldown"]["steps"], SMALL_FULL["stage2_subjects"]["steps"]]
+    # stage 2 on stage 1's budget, then the same focus, cooldown and subject phases as the full model
     assert (work / "no_stage1_cooldown" / dm.RUN_RECORD).is_file()
-    with safe_open(str(ablation), framework="pt") as handle:
-        assert json.loads(handle.metadata()["info"])["phase_steps"] == steps
+    assert (work / "no_stage1_subjects" / dm.RUN_RECORD).is_file()
+    assert _phase_steps(ablation) == steps
     stored = load_file(str(ablation))
     assert all(torch.equal(v.to(torch.float16), stored["adapter." + k])
                for k, v in no_stage1.model.adapter.state_dict().items())
+
+    # a recipe grown by a phase continues the saved ablation; one that changed an earlier phase trains it again
+    shorter = {k: v for k, v in copy.deepcopy(SMALL_FULL).items() if k != "stage2_subjects"}
+    dm.build_ablations(("no_stage1",), folder=folder, work_dir=work / "shorter", recipe=shorter, log=quiet)
+    assert _phase_steps(ablation) == steps[:3]
+    before = _unet_fp16(variant_pipe("no_stage1", folder))
+    for run in ("no_stage1", "no_stage1_focus", "no_stage1_cooldown"):
+        shutil.rmtree(work / "shorter" / run)  # a continued ablation does not train these again
+    lines = []
+    dm.build_ablations(("no_stage1",), folder=folder, work_dir=work / "shorter", recipe=copy.deepcopy(SMALL_FULL),
+                       log=lines.append)
+    assert "no_stage1: continues no_stage1.safetensors after its first 3 phase(s)" in lines
+    assert _phase_steps(ablation) == steps
+    assert [p.name for p in (work / "shorter").iterdir()] == ["no_stage1_subjects"]
+    grown = _unet_fp16(variant_pipe("no_stage1", folder))
+    assert any(not torch.equal(v, before[k]) for k, v in grown.items())
+    other = copy.deepcopy(SMALL_FULL)
+    other["stage2"]["steps"] += 1
+    dm.build_ablations(("no_stage1",), folder=folder, work_dir=work / "other", recipe=other, log=quiet)
+    assert _phase_steps(ablation) == [steps[0] + 1, *steps[1:]]
+    assert (work / "other" / "no_stage1" / dm.RUN_RECORD).is_file()  # trained again from the pretrained base
 
     dm.build(folder, work / "again", copy.deepcopy(SMALL_FULL), phases=("pretrain",), log=quiet)
     assert not snapshot.exists()  # a new base makes the snapshot of the old one stale

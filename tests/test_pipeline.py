@@ -240,3 +240,44 @@ def test_several_instructions_sample_as_one_batch(pixel_pipe):
         with torch.no_grad():
             for layer in pixel_pipe.model.adapter.layers.values():
                 layer.to_out.weight.zero_()
+
+
+LONG_TAIL = " ".join(["a small red circle at the top left"] * 5)
+
+
+def test_a_text_longer_than_the_encoder_window_is_read_in_windows_not_cut(pixel_pipe):
+    window = pixel_pipe.base.tokenizers[0].model_max_length
+    ends = [f"{LONG_TAIL} on a blue background", f"{LONG_TAIL} on a green background"]
+    chunked, _ = pixel_pipe.encode_text(ends)
+    assert chunked.shape[1] == 2 * window
+    assert not torch.allclose(chunked[0], chunked[1])  # the last words still count
+    pixel_pipe.long_text = "truncate"
+    try:
+        cut, _ = pixel_pipe.encode_text(ends)
+    finally:
+        pixel_pipe.long_text = "chunk"
+    assert cut.shape[1] == window and torch.equal(cut[0], cut[1])  # cut, the tails are lost
+    assert torch.equal(cut[0], chunked[0, :window])  # the first window is the truncated text
+
+
+def test_a_short_text_encodes_and_samples_the_same_beside_a_long_one(pixel_pipe):
+    from instruct_core.guidance import Conditioning
+
+    alone, _ = pixel_pipe.encode_text(["a picture"])
+    together, _ = pixel_pipe.encode_text(["a picture", LONG_TAIL])
+    assert together.shape[1] == 2 * alone.shape[1]
+    assert torch.equal(together[0], alone[0].repeat(2, 1))  # repeated, which attention cannot tell apart
+    short, long = _instruction(1), MultiModalInstruction(text=f"[ref#1] {LONG_TAIL}", contexts=_instruction(1).contexts)
+    conds = [pixel_pipe.encode_instruction(i, (32, 32)) for i in (short, long)]
+    kwargs = dict(seed=0, steps=3, sampler="euler", schedule="normal", width=32, height=32)
+    batched = pixel_pipe.sample(Conditioning.concat(conds), **kwargs)
+    assert torch.allclose(pixel_pipe.sample(conds[0], **kwargs).images[0], batched.images[0], atol=1e-4)
+
+
+def test_a_text_beyond_the_window_limit_and_an_unknown_setting_are_refused(pixel_pipe):
+    from instruct_core.pipeline import MAX_TEXT_WINDOWS
+
+    with pytest.raises(InstructionError, match=r"text: \d+ tokens is longer than this model reads"):
+        pixel_pipe.encode_text([LONG_TAIL * (MAX_TEXT_WINDOWS + 1)])
+    with pytest.raises(ValueError, match="long_text: expected one of chunk, truncate, got 'wrap'"):
+        InstructImagen(pixel_pipe.base, pixel_pipe.model, long_text="wrap")
