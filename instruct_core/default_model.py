@@ -46,9 +46,9 @@ ARCHITECTURE = {
 # layer starts free of the positional prior, to find a subject or a style anywhere in a reference.
 ADAPTER = {"head_dim": 32, "content_heads": 1}
 
-# About 3 to 4 hours on one core of a 2-core CPU, at 1.1 to 1.8 s a step (the last build: pretraining's cooldown
-# 41 min, stage 1 8, stage 2 49, its focus phase 39 and the cooldown 25; pretraining itself about 70 at the faster
-# rate): a small UNet seeing many images learns these scenes faster than a wide one seeing few.
+# About 4 to 5 hours on one core of a 2-core CPU, at 1.1 to 1.8 s a step (the last build: pretraining's cooldown
+# 41 min, stage 1 8, stage 2 49, its focus phase 39, the cooldown 25 and the subject phase 68; pretraining itself
+# about 70 at the faster rate): a small UNet seeing many images learns these scenes faster than a wide one seeing few.
 # Pretraining runs until the base reads its text: another example's caption raises its loss by 3% after 1,500
 # steps, by 17% after 5,100. Its cooldown lets the base settle into drawing: 1,500 decaying steps after the
 # 5,100 took text-to-image's shape accuracy from 0.062 to 0.146 and text alignment from 0.223 to 0.330 on the
