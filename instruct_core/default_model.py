@@ -487,7 +487,8 @@ def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subje
             steps.append(result.step)
             seconds += result.report["train_seconds"]
         info = {"variant": variant, "trained_steps": sum(steps), "phase_steps": steps}
-        path = save_variant(pipe, path, info) if trains_base else save_adapter(pipe.model, path, info)
+        if runs[done:]:  # a variant that already holds every run is left as it is
+            path = save_variant(pipe, path, info) if trains_base else save_adapter(pipe.model, path, info)
         last = result.losses[-50:] if runs[done:] else []
         measured[variant] = {"steps": sum(steps), "seconds": round(seconds, 1),
                              "loss_last_50": round(sum(last) / len(last), 5) if last else None}
@@ -498,12 +499,15 @@ def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subje
 def _finished_runs(path: Path, variant: str, run_steps: list[int]) -> int:
     """How many of an ablation's runs its saved variant file already holds (0 if none, or if the file's phases
     are not the first of `run_steps`: another recipe's, which is trained again from the pretrained base)."""
-    if not path.is_file() or not is_variant_file(path):
+    if not path.is_file():
         return 0
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        info = json.loads((handle.metadata() or {}).get("info", "{}"))
+        metadata = handle.metadata() or {}
+    if metadata.get("format") != VARIANT_FORMAT:  # an adapter file: its base was not trained, nothing to go on from
+        return 0
+    info = json.loads(metadata.get("info", "{}"))
     held = info.get("phase_steps", [])
     if info.get("variant") != variant or not held or held != run_steps[:len(held)]:
         return 0

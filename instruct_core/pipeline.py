@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -18,7 +17,7 @@ from .adapter_io import load_adapter
 from .context_attention import ContextState
 from .context_unet import ContextAdapterConfig, ContextAugmentedUNet
 from .denoiser import DiscreteDenoiser
-from .guidance import Conditioning, GuidanceConfig, GuidedDenoiser
+from .guidance import Conditioning, GuidanceConfig, GuidedDenoiser, cat_text
 from .instruction import InstructionError, MultiModalInstruction, prepare_context_image, prepare_mask
 from .loading import BaseModel
 from .samplers import SAMPLERS, prepare_noise
@@ -90,29 +89,29 @@ LONG_TEXT = ("chunk", "truncate")
 MAX_TEXT_WINDOWS = 8  # a longer text is refused: 8 windows are 600 tokens for CLIP
 
 
-def _text_windows(tokenizer, text: str) -> int:
-    """How many encoder windows `text` needs (each holds the window length less its start and end tokens)."""
-    words = len(tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
+def _text_tokens(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's token ids, without start and end tokens and uncut (a long text is read in windows)."""
+    return tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids
+
+
+def _count_windows(tokenizer, tokens: list[int]) -> int:
+    """How many encoder windows `tokens` need (each holds the window length less its start and end tokens)."""
     room = tokenizer.model_max_length - 2
-    count = max(1, -(-words // room))
+    count = max(1, -(-len(tokens) // room))
     if count > MAX_TEXT_WINDOWS:
-        raise InstructionError(f"text: {words} tokens is longer than this model reads "
+        raise InstructionError(f"text: {len(tokens)} tokens is longer than this model reads "
                                f"({MAX_TEXT_WINDOWS} windows of {room}); shorten it")
     return count
 
 
-def _window_ids(tokenizer, texts: list[str], windows: list[int], chunked: bool) -> torch.Tensor:
+def _window_ids(tokenizer, token_lists: list[list[int]], windows: list[int]) -> torch.Tensor:
     """Token ids, one row per window: each window framed by the start and end tokens and padded."""
     length = tokenizer.model_max_length
-    if not chunked:
-        return tokenizer(texts, padding="max_length", max_length=length, truncation=True,
-                         return_tensors="pt").input_ids
     room, rows = length - 2, []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for text, count in zip(texts, windows):
-        words = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
+    for tokens, count in zip(token_lists, windows):
         for k in range(count):
-            row = [tokenizer.bos_token_id, *words[k * room:(k + 1) * room], tokenizer.eos_token_id]
+            row = [tokenizer.bos_token_id, *tokens[k * room:(k + 1) * room], tokenizer.eos_token_id]
             rows.append(row + [pad] * (length - len(row)))
     return torch.tensor(rows, dtype=torch.long)
 
@@ -194,18 +193,22 @@ class InstructImagen:
         so a short text encodes exactly as it does alone. Pooled embeddings come from the first window.
         """
         chunked = self.long_text == "chunk"
-        windows = [_text_windows(self.base.tokenizers[0], text) if chunked else 1 for text in texts]
-        repeat = [math.lcm(*windows) // count for count in windows]
+        windows = [1] * len(texts)
+        if chunked:  # every encoder reads the first tokenizer's number of windows: SDXL's two share one vocabulary
+            first = _text_tokens(self.base.tokenizers[0], texts)
+            windows = [_count_windows(self.base.tokenizers[0], tokens) for tokens in first]
         embeddings, pooled = [], None
         use_penultimate = self.base.kind == "sdxl"
-        for tokenizer, encoder in zip(self.base.tokenizers, self.base.text_encoders):
-            ids = _window_ids(tokenizer, texts, windows, chunked).to(encoder.device)
-            output = encoder(ids, output_hidden_states=use_penultimate)
+        for index, (tokenizer, encoder) in enumerate(zip(self.base.tokenizers, self.base.text_encoders)):
+            if chunked:
+                ids = _window_ids(tokenizer, first if index == 0 else _text_tokens(tokenizer, texts), windows)
+            else:
+                ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                                return_tensors="pt").input_ids
+            output = encoder(ids.to(encoder.device), output_hidden_states=use_penultimate)
             hidden = output.hidden_states[-2] if use_penultimate else output[0]
-            # (sum of windows, L, D) -> per text, its windows side by side, repeated to the common length
-            parts = hidden.split(windows)
-            embeddings.append(torch.stack([part.reshape(-1, part.shape[-1]).repeat(times, 1)
-                                           for part, times in zip(parts, repeat)]))
+            # (sum of windows, L, D) -> per text, its windows side by side; shorter texts repeated by cat_text
+            embeddings.append(cat_text([part.reshape(1, -1, part.shape[-1]) for part in hidden.split(windows)]))
             if hasattr(output, "text_embeds"):
                 firsts = torch.tensor([0, *np.cumsum(windows)[:-1]], device=hidden.device)
                 pooled = output.text_embeds[firsts]
