@@ -71,11 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", default=None, help="folder for the model (default: the package's default_model/)")
     build.add_argument("--work-dir", default="runs/default_model", help="checkpoints and logs")
     build.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps (e.g. 0.01 to try)")
-    build.add_argument("--phases",
-                       default="pretrain,pretrain_cooldown,stage1,stage2,stage2_focus,stage2_cooldown,stage2_subjects,"
-                               "evaluator",
-                       help="comma-separated: pretrain, pretrain_cooldown, stage1, stage2, stage2_focus, "
-                            "stage2_cooldown, stage2_subjects, evaluator, ablations (training phases run in that order)")
+    build.add_argument("--phases", default=None,
+                       help="comma-separated phases (default: every training phase of the recipe, from pretrain "
+                            "to the last stage-2 phase, then evaluator); also ablations. Training phases run in their order")
 
     evaluate = commands.add_parser("eval", help="score models on the procedural benchmark; writes docs/RESULTS.md")
     evaluate.add_argument("--variants", default="full,text_only,no_stage1,single:edge_to_image,single:subject")
@@ -273,10 +271,11 @@ def run_build_default(args) -> int:
     from .default_model import build_ablations, build_evaluator
 
     folder = Path(args.out) if args.out else DEFAULT_DIR
-    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    unknown = sorted(set(phases) - {*TRAINING_PHASES, "evaluator", "ablations"})
+    known = (*TRAINING_PHASES, "evaluator", "ablations")
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()] if args.phases else [*TRAINING_PHASES, "evaluator"]
+    unknown = sorted(set(phases) - set(known))
     if unknown:
-        raise UsageError(f"--phases: unknown phase {unknown[0]!r}")
+        raise UsageError(f"--phases: unknown phase {unknown[0]!r} (known: {', '.join(known)})")
     log = lambda line: print(line, flush=True)
     training = tuple(p for p in TRAINING_PHASES if p in phases)
     if training:

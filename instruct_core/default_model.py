@@ -1,17 +1,19 @@
 """The bundled default model: a small pixel-space (Imagen-like) model trained on the procedural benchmark.
 
 It is built in three phases, all with this package's own trainer:
-  0. text-to-image pretraining of the base UNet (the text encoder is a small, frozen, seeded CLIP), at a
-     constant rate and then a cooldown (`pretrain_cooldown`) while the rate decays linearly to 0,
+  0. text-to-image pretraining of the base UNet (the text encoder is a small seeded CLIP, frozen until the
+     last phase), at a constant rate and then a cooldown (`pretrain_cooldown`) while the rate decays to 0,
   1. stage 1: retrieval-augmented training (neighbours from the base's own encoder),
   2. stage 2: multi-task instruction tuning on the benchmark's in-domain tasks, then a focus phase
      (`stage2_focus`) on the tasks that take content rather than a layout from a reference, and a cooldown
-     (`stage2_cooldown`): the focus mix again while the learning rate decays linearly to 0, and last a
-     subject phase (`stage2_subjects`): a mix that is mostly subjects, its rate decaying linearly to 0 again.
+     (`stage2_cooldown`): the focus mix again while the learning rate decays linearly to 0, a subject phase
+     (`stage2_subjects`): a mix that is mostly subjects, its rate decaying linearly to 0 again, and last a
+     wording phase (`stage2_wording`): the subject mix with random words before half the texts, the text
+     encoder trained too, so that a phrasing never seen in training still reads as its description.
 Stages 1 and 2 train the adapter and, as in Instruct-Imagen, the base UNet too (`train_base` per phase): a
 frozen base draws only what pretraining showed it, plain scenes here. The pretrained base is
-kept beside the model (`ablations/text_only.safetensors`) as the text-only baseline and the start of the
-ablations. `python -m instruct_core build-default` reruns it; the recipe and measured losses are stored
+kept beside the model (`ablations/text_only.safetensors`, with the text encoder it was pretrained with) as the
+text-only baseline and the start of the ablations. `python -m instruct_core build-default` reruns it; the recipe and measured losses are stored
 beside the weights in `default_model/config.json`.
 """
 
@@ -46,8 +48,9 @@ ARCHITECTURE = {
 # layer starts free of the positional prior, to find a subject or a style anywhere in a reference.
 ADAPTER = {"head_dim": 32, "content_heads": 1}
 
-# About 4 to 5 hours on one core of a 2-core CPU, at 1.1 to 1.8 s a step (the last build: pretraining's cooldown
-# 41 min, stage 1 8, stage 2 49, its focus phase 39, the cooldown 25 and the subject phase 68; pretraining itself
+# About 5 hours on one core of a 2-core CPU, at 1.1 to 1.8 s a step (the last build: pretraining's cooldown
+# 41 min, stage 1 8, stage 2 49, its focus phase 39, the cooldown 25, the subject phase 68 and the wording phase
+# 37; pretraining itself
 # about 70 at the faster rate): a small UNet seeing many images learns these scenes faster than a wide one seeing few.
 # Pretraining runs until the base reads its text: another example's caption raises its loss by 3% after 1,500
 # steps, by 17% after 5,100. Its cooldown lets the base settle into drawing: 1,500 decaying steps after the
@@ -69,6 +72,11 @@ SUBJECT_MIX = {"subject": 0.60, "styled_generation": 0.08, "style_transfer": 0.0
                "text_to_image": 0.04, "edge_to_image": 0.03, "sketch_to_image": 0.03, "mask_to_image": 0.03,
                "depth_to_image": 0.03}
 
+# The seeded text encoder reads each token in the light of the ones before it: a caption under a phrasing never
+# seen in training read as another caption (cosine to its own states 0.70-0.80, between two captions 0.83), and
+# the held-out phrasings lost the subject's place. Random words before half the texts taught nothing with the
+# encoder frozen (layout IoU 0.05 after 1,100 steps); with it trained too, every test row rose (docs/RESULTS.md).
+
 RECIPE = {
     "seed": 0,
     "pretrain": {"steps": 5100, "batch_size": 16, "lr": 6e-4, "warmup_steps": 100},
@@ -81,11 +89,14 @@ RECIPE = {
                         "lr_schedule": "linear", "mix": FOCUS_MIX},
     "stage2_subjects": {"steps": 3600, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "train_base": "full",
                         "lr_schedule": "linear", "mix": SUBJECT_MIX},
+    "stage2_wording": {"steps": 2000, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "train_base": "full",
+                       "lr_schedule": "linear", "mix": SUBJECT_MIX, "p_filler_words": 0.5, "max_filler_words": 8,
+                       "train_text_encoder": True},
     "single_task_steps": 200,  # the single-task ablations' budget
 }
 
 PRETRAIN_PHASES = ("pretrain", "pretrain_cooldown")
-STAGE2_PHASES = ("stage2", "stage2_focus", "stage2_cooldown", "stage2_subjects")
+STAGE2_PHASES = ("stage2", "stage2_focus", "stage2_cooldown", "stage2_subjects", "stage2_wording")
 TRAINING_PHASES = (*PRETRAIN_PHASES, "stage1", *STAGE2_PHASES)
 
 ABLATIONS = "ablations"
@@ -184,13 +195,28 @@ def load_default(adapter: str | None = None, device: str = "auto", dtype: str = 
 
 
 def save_variant(pipe, path: Path, info: dict | None = None, with_adapter: bool = True) -> Path:
-    """A variant of the default model whose base UNet was trained too: its UNet and (unless `with_adapter` is
-    False: an untrained one) its adapter, fp16, in one file. The frozen text encoder is the default model's."""
+    """A variant of the default model whose base UNet was trained too: its UNet, (unless `with_adapter` is False:
+    an untrained one) its adapter and its text encoder, fp16, in one file. A text encoder that is the pretrained
+    base's is not stored twice: the file names it ("text_encoder": "pretrained" in its metadata) and
+    `load_variant` reads it from the pretrained base's file, which always holds its own."""
     path.parent.mkdir(parents=True, exist_ok=True)
     modules = [("unet.", pipe.base.unet)] + ([("adapter.", pipe.model.adapter)] if with_adapter else [])
-    _save_atomically(_fp16_weights(modules), path, {"format": VARIANT_FORMAT, "info": json.dumps(info or {}),
-                                                    "adapter_config": json.dumps(_adapter_config(pipe))})
+    encoder = _fp16_weights((("text_encoder.", pipe.base.text_encoders[0]),))
+    pretrained = path.with_name(f"{PRETRAINED_BASE}.safetensors")
+    shared = path != pretrained and pretrained.is_file() and _same_tensors(encoder, _text_encoder_of(pretrained))
+    tensors = _fp16_weights(modules) | ({} if shared else encoder)
+    _save_atomically(tensors, path, {"format": VARIANT_FORMAT, "info": json.dumps(info or {}),
+                                     "adapter_config": json.dumps(_adapter_config(pipe)),
+                                     "text_encoder": "pretrained" if shared else "own"})
     return path
+
+
+def _text_encoder_of(path: Path) -> dict:
+    return {k: v for k, v in load_file(str(path)).items() if k.startswith("text_encoder.")}
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def pretrained_base_file(folder: Path = DEFAULT_DIR) -> Path:
@@ -206,7 +232,8 @@ def is_variant_file(path: Path) -> bool:
 
 
 def load_variant(path: Path, device: str = "auto", dtype: str = "auto", folder: Path = DEFAULT_DIR):
-    """A variant written by `save_variant`, on the default model's text encoder."""
+    """A variant written by `save_variant`, on its own text encoder (a file written before variants held one: on
+    the default model's)."""
     from safetensors import safe_open
 
     from .context_unet import ContextAdapterConfig
@@ -218,10 +245,17 @@ def load_variant(path: Path, device: str = "auto", dtype: str = "auto", folder: 
     config = ContextAdapterConfig.from_dict(json.loads(metadata["adapter_config"]))
     pipe = load_default(device=device, dtype=dtype, adapter_config=config, folder=folder)
     tensors = load_file(str(path))
+    if metadata.get("text_encoder") == "pretrained":
+        pretrained = path.with_name(f"{PRETRAINED_BASE}.safetensors")
+        if not pretrained.is_file():
+            raise FileNotFoundError(f"{path}: its text encoder is the pretrained base's, and {pretrained} is missing")
+        tensors |= _text_encoder_of(pretrained)
     part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     pipe.base.unet.load_state_dict(part("unet."))  # copies into the placed weights, keeping device and dtype
     if any(key.startswith("adapter.") for key in tensors):
         pipe.model.adapter.load_state_dict(part("adapter."))
+    if any(key.startswith("text_encoder.") for key in tensors):
+        pipe.base.text_encoders[0].load_state_dict(part("text_encoder."), strict=False)
     return pipe
 
 
@@ -241,7 +275,8 @@ def _trainer_config(phase: dict, output_dir: Path, seed: int, train_base: str):
         "train": {"steps": phase["steps"], "batch_size": phase["batch_size"], "lr": phase["lr"],
                   "warmup_steps": phase["warmup_steps"], "lr_schedule": _lr_schedule(phase),
                   "seed": seed, "train_base": train_base,
-                  "train_text_encoder": phase.get("train_text_encoder", False)},
+                  "train_text_encoder": phase.get("train_text_encoder", False),
+                  "p_filler_words": phase.get("p_filler_words", 0.0), "max_filler_words": phase.get("max_filler_words", 8)},
         "checkpoint": {"every": 50, "keep": 1},
     })
 

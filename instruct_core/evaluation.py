@@ -360,10 +360,12 @@ def write_results(results: dict, settings: EvalSettings, in_domain: list[str], z
         "Models, each starting from the same pretrained base: **full** = the bundled default model (pretraining, "
         "which ends with a cooldown, + "
         "stage 1 + stage 2, which ends with a focus phase on the subject, style and inpainting tasks and a cooldown "
-        "whose learning rate decays to zero, then a subject phase); **no_stage1** = stage 2 alone, given stage 1's "
-        "steps too, with the same focus, cooldown and subject phases; **text_only** = the pretrained "
-        "base with an untrained adapter (it follows the text alone); **single_*** = stage 2 on one task. Stages "
-        "1 and 2 train the adapter and the base UNet as the recipe says (`train_base`, in the build below).",
+        "whose learning rate decays to zero, then a subject phase and a wording phase that trains the text encoder "
+        "too); **no_stage1** = stage 2 alone, given stage 1's steps too, with the same focus, cooldown, subject "
+        "and wording phases; **text_only** = the pretrained base with its text encoder and an untrained adapter "
+        "(it follows the text alone); **single_*** = stage 2 on one task. Each samples with its own text "
+        "encoder. Stages 1 and 2 train the adapter and the base UNet as the recipe says (`train_base`, in the "
+        "build below).",
         "",
         "## The full model against its baselines",
         "",

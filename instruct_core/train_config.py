@@ -69,6 +69,8 @@ class OptimConfig:
     lora_rank: int = 8
     p_drop_all: float = 0.1              # condition dropout: text and contexts together
     p_drop_context: float = 0.1          # condition dropout: contexts only
+    p_filler_words: float = 0.0          # wording robustness: chance of random words put before a text
+    max_filler_words: int = 8            # 1 to this many, drawn from the tokenizer's whole words
     seed: int = 0
 
 
@@ -119,6 +121,8 @@ class TrainConfig:
             (self.train.seed >= 0, "train.seed", "must be >= 0"),
             (0 <= self.train.p_drop_all + self.train.p_drop_context <= 1, "train.p_drop_all",
              "p_drop_all + p_drop_context must be in [0, 1]"),
+            (0 <= self.train.p_filler_words <= 1, "train.p_filler_words", "must be in [0, 1]"),
+            (self.train.max_filler_words >= 1, "train.max_filler_words", "must be at least 1"),
             (self.checkpoint.every >= 1, "checkpoint.every", "must be at least 1"),
             (self.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1"),
             (8 <= self.data.resolution <= MAX_RESOLUTION, "data.resolution", f"must be between 8 and {MAX_RESOLUTION}"),

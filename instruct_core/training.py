@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -83,13 +83,41 @@ def step_rng(seed: int, step: int, micro: int, rank: int) -> np.random.Generator
     return np.random.default_rng([seed, step, micro, rank])
 
 
+def filler_words(tokenizer) -> tuple[str, ...]:
+    """The whole alphabetic words of a tokenizer's vocabulary (CLIP's "word</w>", sentencepiece's "▁word"),
+    lower-cased and sorted: what `add_filler_words` draws from."""
+    words = set()
+    for token in tokenizer.get_vocab():
+        word = token.removesuffix("</w>").removeprefix("▁").removeprefix("Ġ")
+        if word != token and word.isascii() and word.isalpha() and 2 <= len(word) <= 12:
+            words.add(word.lower())
+    return tuple(sorted(words))
+
+
+def add_filler_words(example: TrainingExample, rng: np.random.Generator, words: tuple[str, ...], p: float,
+                     max_words: int) -> TrainingExample:
+    """With probability `p`, 1 to `max_words` random `words` before the example's text (never before an empty,
+    unconditional one). Phrasings a model never saw read as unfamiliar words around a familiar description;
+    training on random ones teaches it to read the description whatever comes first. One uniform draw from
+    `rng`, and the words' draws only when they are added."""
+    text = example.instruction.text
+    if rng.random() >= p or not text:
+        return example
+    picks = rng.integers(len(words), size=int(rng.integers(1, max_words + 1)))
+    text = " ".join([*(words[i] for i in picks), text])
+    return replace(example, instruction=replace(example.instruction, text=text))
+
+
 class StepBatches(torch.utils.data.Dataset):
     """Item k is the micro-batch of global index k = (step * grad_accum + micro): deterministic and resumable."""
 
-    def __init__(self, dataset, config: TrainConfig, rank: int = 0):
+    def __init__(self, dataset, config: TrainConfig, rank: int = 0, words: tuple[str, ...] = ()):
+        if config.train.p_filler_words > 0 and not words:
+            raise ValueError("train.p_filler_words: needs filler words (the tokenizer has no whole words)")
         self.dataset = dataset
         self.config = config
         self.rank = rank
+        self.words = words
 
     def __len__(self):
         return self.config.train.steps * self.config.train.grad_accum
@@ -104,6 +132,8 @@ class StepBatches(torch.utils.data.Dataset):
         for _ in range(train.batch_size):
             example = self.dataset[int(rng.integers(len(self.dataset)))]
             example = apply_condition_dropout(example, rng, train.p_drop_all, train.p_drop_context)
+            if train.p_filler_words > 0:  # no extra draw otherwise: runs without it stay as they were
+                example = add_filler_words(example, rng, self.words, train.p_filler_words, train.max_filler_words)
             batch.append(example_to_tensors(example, self.config.data.resolution, self.config.data.resize_policy))
         return batch
 
@@ -356,7 +386,8 @@ class Trainer:
             self.resume()
         config = self.config
         module, optimizer = self.accelerator.prepare(self.loss_module, self.optimizer)
-        batches = StepBatches(self.dataset, config, rank=self.accelerator.process_index)
+        words = filler_words(self.pipe.base.tokenizers[0]) if config.train.p_filler_words > 0 else ()
+        batches = StepBatches(self.dataset, config, rank=self.accelerator.process_index, words=words)
         start = self.step * config.train.grad_accum
         loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(batches, range(start, len(batches))), batch_size=None,

@@ -25,6 +25,8 @@ SMALL = {
                         "mix": {"subject": 0.5, "inpainting": 0.5}},
     "stage2_subjects": {"steps": 2, "batch_size": 2, "lr": 3e-4, "warmup_steps": 0, "lr_schedule": "linear",
                         "mix": {"subject": 0.5, "edge_to_image": 0.5}},
+    "stage2_wording": {"steps": 2, "batch_size": 2, "lr": 3e-4, "warmup_steps": 0, "lr_schedule": "linear",
+                       "mix": {"subject": 1.0}, "p_filler_words": 0.5, "max_filler_words": 3},
     "single_task_steps": 2,
     "probe_size": 8,
 }
@@ -107,10 +109,18 @@ def test_the_cli_refuses_a_foreign_work_folder_with_exit_code_2(built, tmp_path,
     assert (work / "stage2" / "checkpoints").is_dir()  # nothing of the earlier run was removed
 
 
+def test_the_cli_names_an_unknown_phase_and_the_known_ones(tmp_path, capsys):
+    assert main(["build-default", "--phases", "stage2,stage3", "--out", str(tmp_path / "m")]) == 2
+    error = capsys.readouterr().err
+    assert "unknown phase 'stage3'" in error and all(p in error for p in (*dm.TRAINING_PHASES, "ablations"))
+    assert not (tmp_path / "m").exists()
+
+
 # Stages 1 and 2 train the base too, as the bundled recipe does.
 SMALL_FULL = copy.deepcopy(SMALL)
 for _phase in ("stage1", *dm.STAGE2_PHASES):
     SMALL_FULL[_phase]["train_base"] = "full"
+SMALL_FULL["stage2_wording"]["train_text_encoder"] = True
 
 
 def _phase_steps(variant_file):
@@ -124,6 +134,18 @@ def _unet_fp16(pipe):
     import torch
 
     return {k: v.to(torch.float16) for k, v in pipe.base.unet.state_dict().items()}
+
+
+def _encoder(pipe):
+    return pipe.base.text_encoders[0].state_dict()
+
+
+def _same(a, b):
+    """Equal as stored: fp16."""
+    import torch
+
+    half = lambda t: t.half() if t.is_floating_point() else t
+    return all(torch.equal(half(v), half(b[k])) for k, v in a.items())
 
 
 def test_stages_that_train_the_base_keep_the_pretrained_one_as_the_text_only_baseline(tmp_path):
@@ -148,6 +170,10 @@ def test_stages_that_train_the_base_keep_the_pretrained_one_as_the_text_only_bas
     text_only = variant_pipe("text_only", folder)
     assert all(torch.equal(v, pretrained[k]) for k, v in _unet_fp16(text_only).items())
     assert all(float(layer.to_out.weight.abs().max()) == 0 for layer in text_only.model.adapter.layers.values())
+    # the wording phase trained the full model's text encoder; the baseline keeps the one it was pretrained with
+    assert not _same(_encoder(text_only), _encoder(variant_pipe("full", folder)))
+    assert _same(_encoder(text_only), {k[len("text_encoder."):]: v.float() for k, v in load_file(str(snapshot)).items()
+                                       if k.startswith("text_encoder.")})
 
     dm.build_ablations(("no_stage1",), folder=folder, work_dir=work, recipe=copy.deepcopy(SMALL_FULL), log=quiet)
     ablation = folder / dm.ABLATIONS / "no_stage1.safetensors"
@@ -155,29 +181,33 @@ def test_stages_that_train_the_base_keep_the_pretrained_one_as_the_text_only_bas
     no_stage1 = variant_pipe("no_stage1", folder)
     assert any(not torch.equal(v, pretrained[k]) and not torch.equal(v, full[k])
                for k, v in _unet_fp16(no_stage1).items())  # trained on its own from the pretrained base
+    # and its own text encoder, which it keeps in its file
+    assert not _same(_encoder(no_stage1), _encoder(text_only))
+    assert not _same(_encoder(no_stage1), _encoder(variant_pipe("full", folder)))
     steps = [SMALL_FULL["stage1"]["steps"] + SMALL_FULL["stage2"]["steps"], SMALL_FULL["stage2_focus"]["steps"],
-             SMALL_FULL["stage2_cooldown"]["steps"], SMALL_FULL["stage2_subjects"]["steps"]]
-    # stage 2 on stage 1's budget, then the same focus, cooldown and subject phases as the full model
+             SMALL_FULL["stage2_cooldown"]["steps"], SMALL_FULL["stage2_subjects"]["steps"],
+             SMALL_FULL["stage2_wording"]["steps"]]
+    # stage 2 on stage 1's budget, then the same focus, cooldown, subject and wording phases as the full model
     assert (work / "no_stage1_cooldown" / dm.RUN_RECORD).is_file()
-    assert (work / "no_stage1_subjects" / dm.RUN_RECORD).is_file()
+    assert (work / "no_stage1_wording" / dm.RUN_RECORD).is_file()
     assert _phase_steps(ablation) == steps
     stored = load_file(str(ablation))
     assert all(torch.equal(v.to(torch.float16), stored["adapter." + k])
                for k, v in no_stage1.model.adapter.state_dict().items())
 
     # a recipe grown by a phase continues the saved ablation; one that changed an earlier phase trains it again
-    shorter = {k: v for k, v in copy.deepcopy(SMALL_FULL).items() if k != "stage2_subjects"}
+    shorter = {k: v for k, v in copy.deepcopy(SMALL_FULL).items() if k != "stage2_wording"}
     dm.build_ablations(("no_stage1",), folder=folder, work_dir=work / "shorter", recipe=shorter, log=quiet)
-    assert _phase_steps(ablation) == steps[:3]
+    assert _phase_steps(ablation) == steps[:4]
     before = _unet_fp16(variant_pipe("no_stage1", folder))
-    for run in ("no_stage1", "no_stage1_focus", "no_stage1_cooldown"):
+    for run in ("no_stage1", "no_stage1_focus", "no_stage1_cooldown", "no_stage1_subjects"):
         shutil.rmtree(work / "shorter" / run)  # a continued ablation does not train these again
     lines = []
     dm.build_ablations(("no_stage1",), folder=folder, work_dir=work / "shorter", recipe=copy.deepcopy(SMALL_FULL),
                        log=lines.append)
-    assert "no_stage1: continues no_stage1.safetensors after its first 3 phase(s)" in lines
+    assert "no_stage1: continues no_stage1.safetensors after its first 4 phase(s)" in lines
     assert _phase_steps(ablation) == steps
-    assert [p.name for p in (work / "shorter").iterdir()] == ["no_stage1_subjects"]
+    assert [p.name for p in (work / "shorter").iterdir()] == ["no_stage1_wording"]
     grown = _unet_fp16(variant_pipe("no_stage1", folder))
     assert any(not torch.equal(v, before[k]) for k, v in grown.items())
     other = copy.deepcopy(SMALL_FULL)
@@ -305,3 +335,43 @@ def test_a_model_saved_again_keeps_its_own_architecture(built, tmp_path):
     assert again == json.loads(json.dumps(other))
     assert dm.load_default(device="cpu", folder=tmp_path / "again").base.unet.config.attention_head_dim == \
         other["unet"]["attention_head_dim"]
+
+
+def test_a_phase_passes_its_filler_words_to_the_trainer(tmp_path):
+    config = dm._trainer_config(dm.RECIPE["stage2_wording"], tmp_path, 0, "full")
+    assert (config.train.p_filler_words, config.train.max_filler_words) == (0.5, 8)
+    assert dm._trainer_config(dm.RECIPE["stage2_subjects"], tmp_path, 0, "full").train.p_filler_words == 0
+
+
+def test_a_variant_on_the_pretrained_text_encoder_names_it_rather_than_storing_it(built, tmp_path):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    root, _ = built
+    folder, _ = copy_of(root, tmp_path)
+    pretrained = dm.pretrained_base_file(folder)
+    base = dm.load_default(device="cpu", folder=folder)
+    dm.save_variant(base, pretrained, {"variant": dm.PRETRAINED_BASE}, with_adapter=False)
+    moved = dm.load_default(device="cpu", folder=folder)
+    with torch.no_grad():  # the default model's encoder moves on, as a phase that trains it leaves it
+        for parameter in moved.base.text_encoders[0].parameters():
+            parameter.add_(0.01)
+    dm.save_default(moved, folder)
+
+    variant = folder / dm.ABLATIONS / "other.safetensors"
+    dm.save_variant(base, variant, {"variant": "other"})
+    with safe_open(str(variant), framework="pt") as handle:
+        assert handle.metadata()["text_encoder"] == "pretrained"
+    assert not any(k.startswith("text_encoder.") for k in load_file(str(variant)))
+    loaded = dm.load_variant(variant, device="cpu", folder=folder)
+    assert _same(_encoder(loaded), _encoder(base)) and not _same(_encoder(loaded), _encoder(moved))
+
+    dm.save_variant(moved, variant, {"variant": "other"})  # an encoder of its own is stored
+    assert any(k.startswith("text_encoder.") for k in load_file(str(variant)))
+    assert _same(_encoder(dm.load_variant(variant, device="cpu", folder=folder)), _encoder(moved))
+
+    dm.save_variant(base, variant, {"variant": "other"})
+    pretrained.unlink()
+    with pytest.raises(FileNotFoundError, match="text_only.safetensors is missing"):
+        dm.load_variant(variant, device="cpu", folder=folder)

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -20,7 +21,10 @@ from instruct_core.cli import main
 from instruct_core.pipeline import InstructImagen
 from instruct_core.retrieval import load_clusters
 from instruct_core.stages import run_training
-from instruct_core.tiny import build_tiny_base
+from instruct_core.data import TrainingExample
+from instruct_core.instruction import MultiModalInstruction
+from instruct_core.tiny import build_tiny_base, tiny_tokenizer
+from instruct_core.training import StepBatches, add_filler_words, filler_words
 from instruct_core.train_config import ConfigError, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,6 +189,7 @@ def test_training_lowers_the_loss_and_changes_the_output(dataset, tmp_path):
     dict(train_base="lora", lora_rank=2),
     dict(train_base="full"),
     dict(mixed_precision="bf16", gradient_checkpointing=True),
+    dict(p_filler_words=1.0, max_filler_words=3),
 ])
 def test_training_options(dataset, tmp_path, train):
     config = _config(tmp_path, 2, dataset, steps=2, **train)
@@ -263,7 +268,9 @@ def test_config_errors_name_the_key(tmp_path):
              ({"trian": {}}, "trian"), ({"data": {"resolutoin": 32}}, "data.resolutoin"),
              ({"stage": 3}, "stage"), ({"data": {"source": None}}, "data.source"),
              ({"train": {"optimizer": "sgd"}}, "train.optimizer"),
-             ({"train": {"lr_schedule": "exponential"}}, "train.lr_schedule")]
+             ({"train": {"lr_schedule": "exponential"}}, "train.lr_schedule"),
+             ({"train": {"p_filler_words": 1.5}}, "train.p_filler_words"),
+             ({"train": {"max_filler_words": 0}}, "train.max_filler_words")]
     for values, key in cases:
         document = {"data": {"source": "x"}}
         for k, v in values.items():
@@ -417,3 +424,50 @@ def test_training_the_text_encoder_needs_the_full_base(tmp_path):
     with pytest.raises(ConfigError, match="train.train_text_encoder.*train_base: full"):
         config_from_dict({"stage": 2, "base_model": "tiny", "output_dir": str(tmp_path),
                           "train": {"train_text_encoder": True, "train_base": "lora"}})
+
+
+def test_filler_words_are_whole_words_of_the_tokenizer():
+    tokenizer = tiny_tokenizer()
+    words = filler_words(tokenizer)
+    assert len(words) > 10_000 and list(words) == sorted(set(words))
+    assert all(word.isalpha() and word.islower() for word in words)
+    sample = [words[i] for i in np.random.default_rng(0).integers(len(words), size=40)]
+    assert all(len(tokenizer(word, add_special_tokens=False).input_ids) == 1 for word in sample)
+
+
+def test_filler_words_come_before_the_text_at_their_rate():
+    words = ("alpha", "beta", "gamma")
+    text = "a red square on the left"
+    example = TrainingExample(MultiModalInstruction(text=text, contexts=[]), Image.new("RGB", (8, 8)), "text_to_image")
+    rng = np.random.default_rng(5)
+    draws = [add_filler_words(example, rng, words, 0.3, 4) for _ in range(2000)]
+    changed = [d for d in draws if d is not example]
+    assert abs(len(changed) / 2000 - 0.3) < 0.03
+    counts = set()
+    for drawn in changed:
+        assert drawn.instruction.text.endswith(" " + text) and drawn.target is example.target
+        prefix = drawn.instruction.text[:-len(text) - 1].split(" ")
+        assert set(prefix) <= set(words)
+        counts.add(len(prefix))
+    assert counts == {1, 2, 3, 4}
+    rng = np.random.default_rng(5)
+    assert [add_filler_words(example, rng, words, 0.3, 4).instruction.text for _ in range(50)] == \
+        [d.instruction.text for d in draws[:50]]
+    unconditional = TrainingExample(MultiModalInstruction(text="", contexts=[]), example.target, "text_to_image")
+    assert add_filler_words(unconditional, rng, words, 1.0, 4) is unconditional
+
+
+def test_step_batches_put_filler_words_before_the_benchmark_texts(tmp_path):
+    from instruct_core.bench_tasks import BenchmarkTaskDataset
+
+    dataset = BenchmarkTaskDataset({"subject": 0.5, "edge_to_image": 0.5}, length=50, seed=0, size=32)
+    config = _config(tmp_path, 2, "benchmark", steps=2, batch_size=6, p_filler_words=1.0, max_filler_words=2)
+    texts = [e.text for k in range(2) for e in StepBatches(dataset, config, words=("zz",))[k]]
+    conditional = [t for t in texts if t]
+    assert conditional and all(t.startswith("zz ") and not t.startswith("zz zz zz") for t in conditional)
+    config.train.p_filler_words = 0.0
+    plain = [e.text for k in range(2) for e in StepBatches(dataset, config)[k]]
+    assert not any(t.startswith("zz") for t in plain)
+    config.train.p_filler_words = 0.5
+    with pytest.raises(ValueError, match="p_filler_words"):
+        StepBatches(dataset, config)
