@@ -506,7 +506,7 @@ def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subje
                                           mix={variant.split(":", 1)[1]: 1.0}))]
         path = folder / ABLATIONS / f"{name}.safetensors"
         steps, seconds, trains_base = [], 0.0, False
-        done = _finished_runs(path, variant, [settings["steps"] for _, _, settings in runs])
+        done = _finished_runs(path, variant, [settings for _, _, settings in runs])
         if done:
             pipe = load_variant(path, device="cpu", folder=folder)
             steps, trains_base = [settings["steps"] for _, _, settings in runs[:done]], True
@@ -521,7 +521,8 @@ def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subje
             record_finished(trainer.checkpoint_dir, pipe)
             steps.append(result.step)
             seconds += result.report["train_seconds"]
-        info = {"variant": variant, "trained_steps": sum(steps), "phase_steps": steps}
+        info = {"variant": variant, "trained_steps": sum(steps), "phase_steps": steps,
+                "phase_settings": [settings for _, _, settings in runs]}
         if runs[done:]:  # a variant that already holds every run is left as it is
             path = save_variant(pipe, path, info) if trains_base else save_adapter(pipe.model, path, info)
         last = result.losses[-50:] if runs[done:] else []
@@ -531,9 +532,10 @@ def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subje
     return measured
 
 
-def _finished_runs(path: Path, variant: str, run_steps: list[int]) -> int:
+def _finished_runs(path: Path, variant: str, run_settings: list[dict]) -> int:
     """How many of an ablation's runs its saved variant file already holds (0 if none, or if the file's phases
-    are not the first of `run_steps`: another recipe's, which is trained again from the pretrained base)."""
+    are not the first of `run_settings`: another recipe's, which is trained again from the pretrained base). A
+    file written before variants kept their phases' settings is matched by the phases' steps."""
     if not path.is_file():
         return 0
     from safetensors import safe_open
@@ -544,6 +546,8 @@ def _finished_runs(path: Path, variant: str, run_steps: list[int]) -> int:
         return 0
     info = json.loads(metadata.get("info", "{}"))
     held = info.get("phase_steps", [])
-    if info.get("variant") != variant or not held or held != run_steps[:len(held)]:
+    if info.get("variant") != variant or not held or held != [s["steps"] for s in run_settings[:len(held)]]:
+        return 0
+    if "phase_settings" in info and info["phase_settings"] != json.loads(json.dumps(run_settings[:len(held)])):
         return 0
     return len(held)

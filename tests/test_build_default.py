@@ -215,6 +215,11 @@ def test_stages_that_train_the_base_keep_the_pretrained_one_as_the_text_only_bas
     dm.build_ablations(("no_stage1",), folder=folder, work_dir=work / "other", recipe=other, log=quiet)
     assert _phase_steps(ablation) == [steps[0] + 1, *steps[1:]]
     assert (work / "other" / "no_stage1" / dm.RUN_RECORD).is_file()  # trained again from the pretrained base
+    other["stage2_focus"]["lr"] /= 2  # another setting than the steps: trained again too
+    lines = []
+    dm.build_ablations(("no_stage1",), folder=folder, work_dir=work / "lr", recipe=other, log=lines.append)
+    assert not any("continues" in line for line in lines)
+    assert (work / "lr" / "no_stage1" / dm.RUN_RECORD).is_file()
 
     dm.build(folder, work / "again", copy.deepcopy(SMALL_FULL), phases=("pretrain",), log=quiet)
     assert not snapshot.exists()  # a new base makes the snapshot of the old one stale
