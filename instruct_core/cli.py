@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps (e.g. 0.01 to try)")
     build.add_argument("--phases", default=None,
                        help="comma-separated phases (default: every training phase of the recipe, from pretrain "
-                            "to the last stage-2 phase, then evaluator); also ablations. Training phases run in their order")
+                            "to the last stage-2 phase, then evaluator); also ablations. Training phases run in "
+                            "their order")
 
     evaluate = commands.add_parser("eval", help="score models on the procedural benchmark; writes docs/RESULTS.md")
     evaluate.add_argument("--variants", default="full,text_only,no_stage1,single:edge_to_image,single:subject")
@@ -272,7 +273,10 @@ def run_build_default(args) -> int:
 
     folder = Path(args.out) if args.out else DEFAULT_DIR
     known = (*TRAINING_PHASES, "evaluator", "ablations")
-    phases = [p.strip() for p in args.phases.split(",") if p.strip()] if args.phases else [*TRAINING_PHASES, "evaluator"]
+    if args.phases:
+        phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    else:
+        phases = [*TRAINING_PHASES, "evaluator"]
     unknown = sorted(set(phases) - set(known))
     if unknown:
         raise UsageError(f"--phases: unknown phase {unknown[0]!r} (known: {', '.join(known)})")

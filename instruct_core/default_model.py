@@ -13,8 +13,8 @@ It is built in three phases, all with this package's own trainer:
 Stages 1 and 2 train the adapter and, as in Instruct-Imagen, the base UNet too (`train_base` per phase): a
 frozen base draws only what pretraining showed it, plain scenes here. The pretrained base is
 kept beside the model (`ablations/text_only.safetensors`, with the text encoder it was pretrained with) as the
-text-only baseline and the start of the ablations. `python -m instruct_core build-default` reruns it; the recipe and measured losses are stored
-beside the weights in `default_model/config.json`.
+text-only baseline and the start of the ablations. `python -m instruct_core build-default` reruns it; the recipe
+and measured losses are stored beside the weights in `default_model/config.json`.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def save_variant(pipe, path: Path, info: dict | None = None, with_adapter: bool 
     path.parent.mkdir(parents=True, exist_ok=True)
     modules = [("unet.", pipe.base.unet)] + ([("adapter.", pipe.model.adapter)] if with_adapter else [])
     encoder = _fp16_weights((("text_encoder.", pipe.base.text_encoders[0]),))
-    pretrained = path.with_name(f"{PRETRAINED_BASE}.safetensors")
+    pretrained = _pretrained_beside(path)
     shared = path != pretrained and pretrained.is_file() and _same_tensors(encoder, _text_encoder_of(pretrained))
     tensors = _fp16_weights(modules) | ({} if shared else encoder)
     _save_atomically(tensors, path, {"format": VARIANT_FORMAT, "info": json.dumps(info or {}),
@@ -211,8 +211,17 @@ def save_variant(pipe, path: Path, info: dict | None = None, with_adapter: bool 
     return path
 
 
+def _pretrained_beside(variant: Path) -> Path:
+    """The pretrained base's file in a variant's folder, where a variant on its text encoder reads it from."""
+    return variant.with_name(pretrained_base_file(Path()).name)
+
+
 def _text_encoder_of(path: Path) -> dict:
-    return {k: v for k, v in load_file(str(path)).items() if k.startswith("text_encoder.")}
+    """A saved model's text-encoder tensors, read without the rest of the file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys() if key.startswith("text_encoder.")}
 
 
 def _same_tensors(a: dict, b: dict) -> bool:
@@ -246,7 +255,7 @@ def load_variant(path: Path, device: str = "auto", dtype: str = "auto", folder: 
     pipe = load_default(device=device, dtype=dtype, adapter_config=config, folder=folder)
     tensors = load_file(str(path))
     if metadata.get("text_encoder") == "pretrained":
-        pretrained = path.with_name(f"{PRETRAINED_BASE}.safetensors")
+        pretrained = _pretrained_beside(path)
         if not pretrained.is_file():
             raise FileNotFoundError(f"{path}: its text encoder is the pretrained base's, and {pretrained} is missing")
         tensors |= _text_encoder_of(pretrained)
@@ -276,7 +285,8 @@ def _trainer_config(phase: dict, output_dir: Path, seed: int, train_base: str):
                   "warmup_steps": phase["warmup_steps"], "lr_schedule": _lr_schedule(phase),
                   "seed": seed, "train_base": train_base,
                   "train_text_encoder": phase.get("train_text_encoder", False),
-                  "p_filler_words": phase.get("p_filler_words", 0.0), "max_filler_words": phase.get("max_filler_words", 8)},
+                  # only what the phase sets: the trainer's own defaults stand for the rest
+                  **{key: phase[key] for key in ("p_filler_words", "max_filler_words") if key in phase}},
         "checkpoint": {"every": 50, "keep": 1},
     })
 
