@@ -41,12 +41,15 @@ __all__ = [
     "MAX_DOCUMENT_BYTES",
     "MAX_IMAGE_FILE_BYTES",
     "MAX_IMAGE_PIXELS",
+    "MAX_TEXT_CHARS",
     "RESIZE_POLICIES",
     "Context",
     "InstructionError",
     "InstructionWarning",
     "MultiModalInstruction",
     "load_instruction",
+    "check_text",
+    "normalize_markers",
     "parse_markers",
     "prepare_context_image",
     "prepare_mask",
@@ -62,14 +65,16 @@ MAX_CONTEXT_ID = 2**31 - 1
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_DOCUMENT_BYTES = 64 * 2**20
 MAX_IMAGE_FILE_BYTES = 64 * 2**20
+# Instruction, negative and context texts: checked in characters before tokenising. The encoder reads at
+# most 8 windows of 75 tokens (pipeline.MAX_TEXT_WINDOWS); 16,384 characters leave room for long words.
+MAX_TEXT_CHARS = 16384
+# Surrogates are halves of UTF-16 pairs; alone they cannot be encoded as UTF-8 (JSON's "\ud800" makes one).
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # Only plain raster formats: Pillow's other plugins (EPS shells out to Ghostscript, for one)
 # are more attack surface than an instruction needs.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 RESIZE_POLICIES = ("crop", "fit", "stretch")
 
-MARKER_PATTERN = re.compile(r"\[ref#(\d+)\]")
-# Anything that looks like an attempt at a marker; caught so "[Ref# 1]" is an error, not words.
-_MARKER_LOOKALIKE = re.compile(r"\[\s*ref\s*#[^\[\]]{0,32}\]", re.IGNORECASE)
 _DATA_URI = re.compile(r"data:([^;,]*)((?:;[^;,]*)*),(.*)", re.DOTALL)
 
 # Key -> required?
@@ -118,6 +123,7 @@ class Context:
     mask_source: str | None = dataclass_field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        self.text = normalize_markers(self.text)
         if isinstance(self.image, Image.Image):
             self.image = to_rgb(self.image)
         if isinstance(self.mask, Image.Image):
@@ -152,6 +158,9 @@ class MultiModalInstruction:
     negative: str = ""
     base_dir: Path | None = dataclass_field(default=None, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        self.text = normalize_markers(self.text)
+
     def referenced_ids(self) -> list[int]:
         """Context ids the text refers to, each once, in order of first appearance."""
         return list(dict.fromkeys(parse_markers(self.text)))
@@ -173,8 +182,8 @@ class MultiModalInstruction:
         """
         known = DEFAULT_MODALITIES if known_modalities is None else tuple(known_modalities)
         limit = DEFAULT_MAX_CONTEXTS if max_contexts is None else max_contexts
-        _require_text(self.text, "text")
-        _require_str(self.negative, "negative")
+        _require_prompt(self.text, "text", allow_empty=False)
+        _require_prompt(self.negative, "negative")
         if not isinstance(self.contexts, list):
             raise InstructionError(f"contexts: expected a list, got {_type_name(self.contexts)}")
         _check_context_count(len(self.contexts), limit)
@@ -352,8 +361,8 @@ def _parse_document(document: Any, reader: _SourceReader, max_contexts: int) -> 
         raise InstructionError(f"instruction: expected a JSON object, got {_type_name(document)}")
     _check_keys(document, _DOCUMENT_KEYS, "instruction", "")
     _check_version(document["version"])
-    text = _require_str(document["text"], "text")
-    negative = _require_str(document.get("negative", ""), "negative")
+    text = _require_prompt(document["text"], "text")
+    negative = _require_prompt(document.get("negative", ""), "negative")
     items = document["contexts"]
     if not isinstance(items, list):
         raise InstructionError(f"contexts: expected a list, got {_type_name(items)}")
@@ -369,7 +378,7 @@ def _parse_context(item: Any, where: str, reader: _SourceReader) -> Context:
     _check_keys(item, _CONTEXT_KEYS, where, f"{where}.")
     context_id = _require_id(item["id"], f"{where}.id")
     modality = _require_str(item["modality"], f"{where}.modality")
-    text = _require_str(item.get("text", ""), f"{where}.text")
+    text = _require_prompt(item.get("text", ""), f"{where}.text")
     weight = _require_weight(item.get("weight", 1.0), f"{where}.weight")
     image_source = item["image"]
     image = reader.load_image(image_source, f"{where}.image", to_rgb)
@@ -415,7 +424,7 @@ def _check_context(context: Any, where: str, known_modalities: tuple[str, ...]) 
         raise InstructionError(f"{where}: expected a Context, got {type(context).__name__}")
     _require_id(context.id, f"{where}.id")
     _check_modality(context.modality, f"{where}.modality", known_modalities)
-    _require_str(context.text, f"{where}.text")
+    _require_prompt(context.text, f"{where}.text")
     # A context's marker text may name only itself; "[ref#2] ..." on context 1 is a mix-up.
     foreign = [n for n in parse_markers(context.text, field=f"{where}.text") if n != context.id]
     if foreign:
@@ -486,11 +495,23 @@ def _check_references(instruction: MultiModalInstruction) -> list[str]:
     ]
 
 
-def _require_text(value: Any, field: str) -> str:
+def _require_prompt(value: Any, field: str, allow_empty: bool = True) -> str:
+    """A text the encoder will read: a string of valid Unicode, at most MAX_TEXT_CHARS characters."""
     text = _require_str(value, field)
-    if not text.strip():
+    check_text(text, field)
+    if not allow_empty and not text.strip():
         raise InstructionError(f"{field}: must not be empty")
     return text
+
+
+def check_text(text: str, field: str) -> None:
+    """Refuse a text too long to encode, or holding a lone surrogate, before any tokenizer sees it."""
+    if len(text) > MAX_TEXT_CHARS:
+        raise InstructionError(f"{field}: {len(text)} characters, over the limit of {MAX_TEXT_CHARS}")
+    surrogate = _LONE_SURROGATE.search(text)
+    if surrogate is not None:
+        raise InstructionError(f"{field}: invalid Unicode: a lone surrogate {surrogate.group()!r} at character "
+                               f"{surrogate.start()} (text must be valid UTF-8)")
 
 
 def _require_str(value: Any, field: str) -> str:
@@ -522,19 +543,46 @@ def _require_weight(value: Any, field: str) -> float:
 # --------------------------------------------------------------------------------------------
 # Markers
 
+# A marker id is ASCII digits without leading zeros: "[ref#01]" and "[ref#١]" are not ids the format defines.
+_ID = r"([1-9][0-9]*)"
+MARKER_PATTERN = re.compile(r"\[ref#" + _ID + r"\]")
+# The forms users know from other multi-image tools, normalised to [ref#N] on load.
+_ALIAS_PATTERNS = (re.compile(r"<image" + _ID + r">"), re.compile(r"@image" + _ID + r"(?!\w)"))
+# Anything that looks like an attempt at a marker in any form; caught so "[Ref# 1]" is an error, not words.
+_MARKER_LOOKALIKES = (
+    re.compile(r"\[\s*ref\s*#[^\[\]]{0,32}\]", re.IGNORECASE),
+    re.compile(r"<\s*image[^<>]{0,32}>", re.IGNORECASE),
+    re.compile(r"@\s?image[\s_#-]?\d\w*", re.IGNORECASE),
+)
+MARKER_FORMS = "[ref#N], <imageN> or @imageN"
+
+
+def normalize_markers(text: str) -> str:
+    """`text` with every well-formed <imageN> and @imageN written as [ref#N]; anything else unchanged.
+
+    Malformed look-alikes are left for `parse_markers` to report with the field's name.
+    """
+    if not isinstance(text, str):
+        return text
+    for pattern in _ALIAS_PATTERNS:
+        text = pattern.sub(r"[ref#\1]", text)
+    return text
+
 
 def parse_markers(text: str, *, field: str = "text") -> list[int]:
-    """Ids of the [ref#N] markers in `text`, in order of appearance, repeats kept.
+    """Ids of the markers in `text` ([ref#N], <imageN>, @imageN), in order of appearance, repeats kept.
 
-    Markers are strict: "[ref#", decimal digits, "]" - lower case, no spaces - because the text
-    encoder sees the text verbatim and was trained on that exact form. A look-alike such as
-    "[Ref# 1]" raises InstructionError (naming `field`) instead of passing as plain words.
+    Markers are strict - lower case, no spaces, N in ASCII digits without leading zeros - because
+    the text encoder sees the text verbatim and was trained on the exact [ref#N] form. A look-alike
+    such as "[Ref# 1]" or "[ref#01]" raises InstructionError (naming `field`) instead of passing
+    as plain words.
     """
-    for lookalike in _MARKER_LOOKALIKE.finditer(text):
-        if not MARKER_PATTERN.fullmatch(lookalike.group()):
-            raise InstructionError(
-                f"{field}: malformed marker {_short(lookalike.group())}; write markers exactly as [ref#N]"
-            )
+    text = normalize_markers(text)
+    for lookalikes in _MARKER_LOOKALIKES:
+        for lookalike in lookalikes.finditer(text):
+            if not MARKER_PATTERN.fullmatch(lookalike.group()):
+                raise InstructionError(f"{field}: malformed marker {_short(lookalike.group())}; "
+                                       f"{_marker_hint(lookalike.group())}")
     ids = []
     for match in MARKER_PATTERN.finditer(text):
         digits = match.group(1)
@@ -543,6 +591,17 @@ def parse_markers(text: str, *, field: str = "text") -> list[int]:
             raise InstructionError(f"{field}: marker id {_short(digits)} is larger than {MAX_CONTEXT_ID}")
         ids.append(int(digits))
     return ids
+
+
+def _marker_hint(lookalike: str) -> str:
+    digits = "".join(ch for ch in lookalike if ch.isdigit())
+    if any(not ("0" <= ch <= "9") for ch in digits):
+        return "marker ids are written in ASCII digits 0-9"
+    if digits and not digits.strip("0"):
+        return "marker ids start at 1"
+    if digits.startswith("0"):
+        return f"marker ids have no leading zeros (write {lookalike.replace(digits, digits.lstrip('0'))})"
+    return f"write markers exactly as {MARKER_FORMS}, with N a context id"
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import copy
 import io
 import json
 import os
+import re
 import warnings
 
 import numpy as np
@@ -23,6 +24,7 @@ from instruct_core.instruction import (
     InstructionWarning,
     MultiModalInstruction,
     load_instruction,
+    normalize_markers,
     parse_markers,
     prepare_context_image,
     prepare_mask,
@@ -202,6 +204,82 @@ def test_lookalike_markers_are_errors_not_words(lookalike):
 def test_marker_ids_beyond_the_id_range_are_refused():
     with pytest.raises(InstructionError, match=r"^text: marker id"):
         parse_markers("[ref#" + "9" * 5000 + "]")
+
+
+@pytest.mark.parametrize("marker, hint", [
+    ("[ref#01]", r"no leading zeros \(write \[ref#1\]\)"),
+    ("<image01>", r"no leading zeros \(write <image1>\)"),
+    ("@image007", r"no leading zeros \(write @image7\)"),
+    ("[ref#0]", "ids start at 1"),
+    ("<image0>", "ids start at 1"),
+    ("[ref#\u0661]", "ASCII digits"),      # Arabic-Indic one
+    ("<image\u0967>", "ASCII digits"),     # Devanagari one
+    ("@image\uff11", "ASCII digits"),      # fullwidth one
+    ("@image1\u0661", "ASCII digits"),
+    ("<Image1>", r"exactly as \[ref#N\], <imageN> or @imageN"),
+    ("<image 1>", "exactly as"),
+    ("@Image1", "exactly as"),
+    ("@image 1", "exactly as"),
+    ("@image1x", "exactly as"),
+])
+def test_marker_ids_are_ascii_digits_without_leading_zeros_in_every_form(marker, hint):
+    with pytest.raises(InstructionError, match=r"^caption: malformed marker .*" + hint):
+        parse_markers(f"a photo of {marker} here", field="caption")
+
+
+def test_image_markers_are_read_as_ref_markers():
+    text = "put <image2> beside @image1, as [ref#3] and <image2> again."
+    assert parse_markers(text) == [2, 1, 3, 2]
+    assert normalize_markers(text) == "put [ref#2] beside [ref#1], as [ref#3] and [ref#2] again."
+    assert normalize_markers("mail me@image1host or see @images") == "mail me@image1host or see @images"
+    with pytest.raises(InstructionError, match=r"^text: marker id .* is larger than"):
+        parse_markers("<image" + "9" * 20 + ">")
+
+
+def test_image_markers_load_into_the_v1_json_as_ref_markers(folder):
+    document = valid_document()
+    document["text"] = "Render <image1> in the style of @image2"
+    document["contexts"][0]["text"] = "<image1> a plush toy"
+    instruction = load_instruction(document, base_dir=folder)
+    assert instruction.text == "Render [ref#1] in the style of [ref#2]"
+    assert instruction.contexts[0].text == "[ref#1] a plush toy"
+    assert instruction.to_dict()["text"] == "Render [ref#1] in the style of [ref#2]"
+    assert load_instruction(instruction.to_dict(), base_dir=folder) == instruction
+    built = MultiModalInstruction(text="a photo of @image1", contexts=[instruction.contexts[0]])
+    assert built.text == "a photo of [ref#1]" and built.referenced_ids() == [1]
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (["text"], "Render <image1> and <image3>", "text: [ref#3] has no context with id 3"),
+    (["text"], "Render @image01", "text: malformed marker '@image01'"),
+    (["negative"], "not like <image1>", "negative: [ref#N] markers are not allowed"),
+    (["contexts", 0, "text"], "@image2 a toy", "contexts[0].text: contains [ref#2] but this context's id is 1"),
+])
+def test_image_markers_are_validated_as_ref_markers(folder, path, value, message):
+    document = valid_document()
+    set_path(document, path, value)
+    with pytest.raises(InstructionError) as caught:
+        load_instruction(document, base_dir=folder)
+    assert str(caught.value).startswith(message)
+
+
+@pytest.mark.parametrize("field, where", [(["text"], "text"), (["negative"], "negative"),
+                                          (["contexts", 0, "text"], "contexts[0].text")])
+def test_texts_are_bounded_in_characters_and_valid_unicode(folder, field, where):
+    document = valid_document()
+    set_path(document, field, "a" * (instruction_module.MAX_TEXT_CHARS + 1))
+    with pytest.raises(InstructionError, match=rf"^{re.escape(where)}: 16385 characters, over the limit of 16384"):
+        load_instruction(document, base_dir=folder)
+    document = valid_document()
+    set_path(document, field, "a \ud800 toy")
+    with pytest.raises(InstructionError, match=rf"^{re.escape(where)}: invalid Unicode: a lone surrogate"):
+        load_instruction(document, base_dir=folder)
+
+
+def test_a_lone_surrogate_escaped_in_json_is_refused(folder):
+    raw = json.dumps(valid_document()).replace("a plush toy", "a \\udfff plush toy")
+    with pytest.raises(InstructionError, match=r"^contexts\[0\]\.text: invalid Unicode"):
+        MultiModalInstruction.from_json(raw, base_dir=folder)
 
 
 def test_marker_text_gets_its_marker_put_in_front_when_missing():
