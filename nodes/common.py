@@ -30,6 +30,14 @@ Instruction = io.Custom("INSTRUCTION")
 Conditioning = io.Custom("INSTRUCT_CONDITIONING")
 
 
+def with_search_aliases(schema: io.Schema, *aliases: str) -> io.Schema:
+    """The schema, found in the node search by these words too (what users call the same thing elsewhere:
+    "reference image", "ip adapter"). ComfyUI releases whose io.Schema has `search_aliases` pass them to
+    the frontend; ComfyUI 0.8 has no such field and ignores the attribute."""
+    schema.search_aliases = list(aliases)
+    return schema
+
+
 class InstructImagenWeights(torch.nn.ModuleDict):
     """The pipeline's modules as one module for a ModelPatcher; ComfyUI's log names models by this class."""
 

@@ -16,7 +16,16 @@ from ..instruct_core.instruction import (
     parse_markers,
 )
 from . import paths
-from .common import CATEGORY, ContextInput, ContextSocket, Instruction, image_to_pil, mask_to_pil, node_errors
+from .common import (
+    CATEGORY,
+    ContextInput,
+    ContextSocket,
+    Instruction,
+    image_to_pil,
+    mask_to_pil,
+    node_errors,
+    with_search_aliases,
+)
 
 # Context slots: the context plugged into slot ref_N is [ref#N] in the text.
 SLOT_NAMES = tuple(f"ref_{n}" for n in range(1, DEFAULT_MAX_CONTEXTS + 1))
@@ -26,7 +35,7 @@ CONTEXTS_INPUT = "contexts"
 class ContextImage(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return with_search_aliases(io.Schema(
             node_id="ContextImage",
             display_name="Context Image (Instruct-Imagen)",
             category=CATEGORY,
@@ -44,7 +53,8 @@ class ContextImage(io.ComfyNode):
                               tooltip="Where in the output this context applies (1 = applies)."),
             ],
             outputs=[ContextSocket.Output(display_name="context")],
-        )
+        ), "reference image", "ip adapter", "image prompt", "controlnet image", "style reference",
+           "subject reference")
 
     @classmethod
     def execute(cls, image, modality: str, text: str, weight: float, mask=None) -> io.NodeOutput:
@@ -91,7 +101,7 @@ def check_references(instruction: str, negative: str, connected: set[int]) -> No
 class InstructionBuilder(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return with_search_aliases(io.Schema(
             node_id="InstructionBuilder",
             display_name="Instruction Builder (Instruct-Imagen)",
             category=CATEGORY,
@@ -106,7 +116,7 @@ class InstructionBuilder(io.ComfyNode):
                 *_contexts_input(),
             ],
             outputs=[Instruction.Output(display_name="instruction")],
-        )
+        ), "prompt", "multimodal prompt", "ref#")
 
     @classmethod
     def validate_inputs(cls, instruction: str, negative: str = "", contexts=None, **kwargs):
@@ -132,7 +142,7 @@ class InstructionBuilder(io.ComfyNode):
 class InstructionFromJSON(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return with_search_aliases(io.Schema(
             node_id="InstructionFromJSON",
             display_name="Instruction from JSON (Instruct-Imagen)",
             category=CATEGORY,
@@ -140,7 +150,7 @@ class InstructionFromJSON(io.ComfyNode):
                         "input directory and may not leave it; data: URIs are fine.",
             inputs=[io.String.Input("json", multiline=True, default="")],
             outputs=[Instruction.Output(display_name="instruction")],
-        )
+        ), "load instruction", "json instruction")
 
     @classmethod
     def execute(cls, json: str) -> io.NodeOutput:
@@ -152,7 +162,7 @@ class InstructionFromJSON(io.ComfyNode):
 class InstructionToJSON(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return with_search_aliases(io.Schema(
             node_id="InstructionToJSON",
             display_name="Instruction to JSON (Instruct-Imagen)",
             category=CATEGORY,
@@ -165,7 +175,7 @@ class InstructionToJSON(io.ComfyNode):
             ],
             outputs=[io.String.Output(display_name="json")],
             is_output_node=True,
-        )
+        ), "save instruction", "export instruction")
 
     @classmethod
     def execute(cls, instruction: MultiModalInstruction, filename_prefix: str) -> io.NodeOutput:

@@ -6,7 +6,7 @@ import comfy.model_management
 from comfy_api.latest import io
 
 from . import paths
-from .common import CATEGORY, Model, ModelHandle, cached_model, node_errors
+from .common import CATEGORY, Model, ModelHandle, cached_model, node_errors, with_search_aliases
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
@@ -14,7 +14,7 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 class InstructImagenLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return with_search_aliases(io.Schema(
             node_id="InstructImagenLoader",
             display_name="Instruct-Imagen Loader",
             category=CATEGORY,
@@ -31,7 +31,7 @@ class InstructImagenLoader(io.ComfyNode):
                                tooltip="auto: fp16 on a GPU, fp32 on the CPU."),
             ],
             outputs=[Model.Output(display_name="model")],
-        )
+        ), "load checkpoint", "model loader", "adapter loader")
 
     @classmethod
     def execute(cls, model: str, adapter: str, dtype: str) -> io.NodeOutput:
@@ -57,7 +57,7 @@ class InstructImagenLoader(io.ComfyNode):
 class AdapterSaver(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return with_search_aliases(io.Schema(
             node_id="AdapterSaver",
             display_name="Save Instruct-Imagen Adapter",
             category=CATEGORY,
@@ -69,7 +69,7 @@ class AdapterSaver(io.ComfyNode):
             ],
             outputs=[io.String.Output(display_name="adapter")],
             is_output_node=True,
-        )
+        ), "save lora", "save adapter", "save model")
 
     @classmethod
     def execute(cls, model: ModelHandle, adapter_name: str, overwrite: bool) -> io.NodeOutput:

@@ -23,6 +23,7 @@ from .common import (
     images_to_comfy,
     node_errors,
     sampling_memory,
+    with_search_aliases,
 )
 
 MAX_SIZE = 4096
@@ -36,7 +37,7 @@ SD_LATENT_RGB = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350]
 class MultiModalEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return with_search_aliases(io.Schema(
             node_id="MultiModalEncode",
             display_name="Multi-Modal Encode (Instruct-Imagen)",
             category=CATEGORY,
@@ -51,7 +52,7 @@ class MultiModalEncode(io.ComfyNode):
                 io.Combo.Input("resize_policy", options=list(RESIZE_POLICIES), default="crop"),
             ],
             outputs=[Conditioning.Output(display_name="conditioning")],
-        )
+        ), "text encode", "clip text encode", "conditioning")
 
     @classmethod
     def execute(cls, model: ModelHandle, instruction: MultiModalInstruction, context_width: int,
@@ -67,7 +68,7 @@ class MultiModalEncode(io.ComfyNode):
 class InstructSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return with_search_aliases(io.Schema(
             node_id="InstructSampler",
             display_name="Instruct Sampler (Instruct-Imagen)",
             category=CATEGORY,
@@ -96,7 +97,7 @@ class InstructSampler(io.ComfyNode):
                 io.Image.Input("init_image", optional=True, tooltip="Start from this IMAGE (img2img)."),
             ],
             outputs=[io.Latent.Output(display_name="LATENT"), io.Image.Output(display_name="IMAGE")],
-        )
+        ), "ksampler", "generate image", "txt2img", "img2img")
 
     @classmethod
     def execute(cls, model: ModelHandle, conditioning: EncodedInstruction, seed: int, steps: int, sampler: str,

@@ -14,7 +14,7 @@ from comfy_api.latest import io
 from PIL import Image
 
 from . import paths
-from .common import CATEGORY, Model, ModelHandle, node_errors, pil_to_comfy
+from .common import CATEGORY, Model, ModelHandle, node_errors, pil_to_comfy, with_search_aliases
 
 RUNS_FOLDER = "instruct_imagen_runs"  # output/instruct_imagen_runs/<adapter_name>/: checkpoints, report, curve
 TRAINING_EXTRAS = {"cv2": "opencv-python-headless", "faiss": "faiss-cpu"}
@@ -45,7 +45,7 @@ def check_dataset_confined(path: Path) -> None:
 class FineTuneStage(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return with_search_aliases(io.Schema(
             node_id="FineTuneStage",
             display_name="Fine-Tune Stage (Instruct-Imagen)",
             category=CATEGORY,
@@ -76,7 +76,7 @@ class FineTuneStage(io.ComfyNode):
                 io.Image.Output(display_name="loss_curve"),
             ],
             is_output_node=True,
-        )
+        ), "train lora", "training", "finetune", "dreambooth")
 
     @classmethod
     def execute(cls, base_model: str, adapter: str, stage: int, dataset: str, steps: int, learning_rate: float,

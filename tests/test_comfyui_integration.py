@@ -23,7 +23,7 @@ from instruct_core import client
 ROOT = Path(__file__).resolve().parent.parent
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON")
-PACK = "instruct_imagen"
+PACK = "comfyui-instruct-imagen"  # the folder every documented install uses (docs/COMFYUI.md)
 NODE_IDS = {"InstructImagenLoader", "ContextImage", "InstructionBuilder", "MultiModalEncode", "InstructSampler",
             "InstructionFromJSON", "InstructionToJSON", "AdapterSaver", "FineTuneStage"}
 WORKFLOWS = sorted((ROOT / "workflows" / "api").glob("*.json"))
@@ -135,6 +135,19 @@ def test_templates_and_frontend_extension_are_served(server):
     assert served == json.loads((ROOT / "example_workflows" / "subject.json").read_text())
     assert server.get(f"/api/workflow_templates/{PACK}/subject.jpg")[:2] == b"\xff\xd8"
     assert any(url.endswith("instruct_imagen.js") for url in server.get("/extensions"))
+
+
+def test_help_pages_and_english_strings_are_served(server):
+    # Where ComfyUI's frontend looks: /extensions/<pack>/docs/<node>.md for help, /i18n for strings.
+    for node in NODE_IDS:
+        page = server.get(f"/extensions/{PACK}/docs/{node}.md").decode()
+        assert page == (ROOT / "web" / "docs" / f"{node}.md").read_text(encoding="utf-8")
+    english = server.get("/i18n")["en"]
+    info = server.get("/object_info")
+    for node in NODE_IDS:
+        assert english["nodeDefs"][node]["display_name"] == info[node]["display_name"]
+        assert english["nodeDefs"][node]["description"] == info[node]["description"]
+    assert english["nodeCategories"]["Instruct-Imagen"] == "Instruct-Imagen"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
