@@ -34,7 +34,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .guidance import GUIDANCE_MODES, GuidanceConfig
     from .samplers import SAMPLERS
-    from .schedules import SCHEDULES
+    from .schedules import DEFAULT_SCHEDULE, SCHEDULES
 
     parser = argparse.ArgumentParser(prog="instruct-imagen", description="Multi-modal instruction following "
                                      "image generation (Instruct-Imagen) on diffusers UNets.")
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=int, default=20)
     gen.add_argument("--sampler", default="dpmpp_2m", choices=tuple(SAMPLERS))
-    gen.add_argument("--schedule", default="karras", choices=tuple(SCHEDULES))
+    gen.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=tuple(SCHEDULES))
     gen.add_argument("--cfg-text", type=float, default=5.0, help="text guidance scale s_t")
     gen.add_argument("--cfg-context", type=float, default=GuidanceConfig.context_scale,
                      help="context guidance scale s_c")

@@ -187,6 +187,7 @@ def load_default(adapter: str | None = None, device: str = "auto", dtype: str = 
         if adapter_config is None:
             model.adapter.load_state_dict(part("adapter."))
         pipe = InstructImagen(base, model)
+    pipe.timesteps = "fractional"  # what its published figures were measured with
     target_device = resolve_device(device)
     target_dtype = torch.float32 if dtype == "auto" and target_device.type == "cpu" else resolve_dtype(dtype, target_device)
     pipe.model.to(device=target_device, dtype=target_dtype)

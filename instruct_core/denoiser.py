@@ -23,13 +23,15 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 class DiscreteDenoiser:
     """Wraps `model_fn(x_in, t, **cond) -> raw output` (e.g. a UNet call) into D(x, sigma, **cond).
 
-    The sampler state stays in x's dtype: casting x_in to the model's dtype is model_fn's job, and the raw output
-    is cast back to x's dtype here. `quantize` feeds the model integer timesteps, as diffusers' multistep
-    schedulers do with Karras sigmas.
+    The sampler state stays in x's dtype: casting x_in to the model's dtype is model_fn's job, and the result is
+    cast back to x's dtype here. Sigma arithmetic (sigma^2 + 1 and the scalings) runs in float32 at least, so a
+    float16 state at sigma 20,000 gets the same model input as a float32 one instead of an overflow.
+    `quantize` (the default) feeds the model the integer timestep nearest in log-sigma, as ComfyUI does for
+    discrete models; False feeds the interpolated fractional timestep (k-diffusion's DiscreteEpsDDPMDenoiser).
     """
 
     def __init__(self, model_fn: Callable[..., torch.Tensor], schedule: DiscreteSchedule,
-                 prediction_type: str = "epsilon", quantize: bool = False):
+                 prediction_type: str = "epsilon", quantize: bool = True):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type: {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
         self.model_fn = model_fn
@@ -38,12 +40,16 @@ class DiscreteDenoiser:
         self.quantize = quantize
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        sigma = torch.as_tensor(sigma, device=x.device).to(dtype).reshape(-1).expand(x.shape[0])
         t = self.schedule.sigma_to_t(sigma, quantize=self.quantize)
-        s = sigma.to(x.dtype).reshape(-1, *[1] * (x.dim() - 1))
-        raw = self.model_fn(x / (s**2 + 1).sqrt(), t, **cond).to(x.dtype)
+        s = sigma.reshape(-1, *[1] * (x.dim() - 1))
+        state = x.to(dtype)
+        raw = self.model_fn((state / (s**2 + 1).sqrt()).to(x.dtype), t, **cond).to(dtype)
         if self.prediction_type == "epsilon":
-            return x - s * raw
-        if self.prediction_type == "v_prediction":
-            return x / (s**2 + 1) - s / (s**2 + 1).sqrt() * raw
-        return raw
+            denoised = state - s * raw
+        elif self.prediction_type == "v_prediction":
+            denoised = state / (s**2 + 1) - s / (s**2 + 1).sqrt() * raw
+        else:
+            denoised = raw
+        return denoised.to(x.dtype)

@@ -40,7 +40,7 @@ class EvalSettings:
     seed: int = 1234
     steps: int = 12
     sampler: str = "dpmpp_2m"
-    schedule: str = "karras"
+    schedule: str = "karras_capped"
     text_scale: float = 3.0
     context_scale: float = GuidanceConfig.context_scale
     batch_size: int = 32

@@ -13,7 +13,8 @@ interleaved      Re-Imagen's interleaved guidance, two branches a step, alternat
                  even steps  D = D(t,c) + (s_t − 1)·[D(t,c) − D(∅,c)]     (text)
                  odd steps   D = D(t,c) + (s_c − 1)·[D(t,c) − D(t,∅)]     (context)
 The step index is recovered from sigma (the nearest entry of the schedule), so two-evaluation steppers
-such as Heun see the parity of the sigma they evaluate.
+such as Heun see the parity of the sigma they evaluate. Which formula applies is decided per row: in a batch
+mixing rows with and without contexts, each row is guided exactly as it would be alone.
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ class Conditioning:
     @property
     def num_rows(self) -> int:
         return self.text.shape[0]
+
+    def rows_with_contexts(self) -> torch.Tensor:
+        """(B,) bool: which rows have at least one context."""
+        if self.context_state is None:
+            return torch.zeros(self.num_rows, dtype=torch.bool)
+        return self.context_state.valid.any(dim=1).cpu()
 
     @classmethod
     def concat(cls, conds: list["Conditioning"]) -> "Conditioning":
@@ -144,6 +151,33 @@ def branch_weights(config: GuidanceConfig, step: int, num_steps: int, has_contex
     return _drop_zero({NULL: 1.0 - s_t, TEXT_ONLY: s_t - s_c, FULL: s_c})
 
 
+def row_branch_weights(config: GuidanceConfig, step: int, num_steps: int,
+                       rows_with_contexts: torch.Tensor) -> tuple[tuple[str, ...], torch.Tensor]:
+    """The branches a step evaluates for every row, and each row's coefficient per branch: (branches, (B, N)).
+
+    A row without contexts is guided by the text-only formula. Its FULL branch equals its TEXT_ONLY branch and
+    its CONTEXT_ONLY branch its NULL branch (it has no contexts to drop), so its coefficients move onto branches
+    the rows with contexts need anyway, and a mixed batch costs no more branches than it must.
+    """
+    with_contexts = branch_weights(config, step, num_steps, True)
+    without = branch_weights(config, step, num_steps, False)
+    if bool(rows_with_contexts.all()):
+        per_kind = {True: with_contexts}
+    elif not bool(rows_with_contexts.any()):
+        per_kind = {False: without}
+    else:
+        same = {TEXT_ONLY: FULL, NULL: CONTEXT_ONLY}
+        moved: dict[str, float] = {}
+        for name, weight in without.items():
+            target = same[name] if same[name] in with_contexts else name
+            moved[target] = moved.get(target, 0.0) + weight
+        per_kind = {True: with_contexts, False: moved}
+    branches = tuple(sorted({name for weights in per_kind.values() for name in weights}))
+    table = {kind: [weights.get(name, 0.0) for name in branches] for kind, weights in per_kind.items()}
+    rows = torch.tensor([table[bool(kind)] for kind in rows_with_contexts.tolist()], dtype=torch.float64)
+    return branches, rows
+
+
 def _drop_zero(weights: dict[str, float]) -> dict[str, float]:
     kept = {name: w for name, w in weights.items() if w != 0.0}
     return kept or {next(iter(weights)): 1.0}
@@ -158,6 +192,7 @@ class GuidedDenoiser:
         self.config = config
         self.sigmas = sigmas.detach().float().cpu()
         self._stacked: dict[tuple[str, ...], BatchedCondition] = {}
+        self._rows_with_contexts = conditioning.rows_with_contexts()
 
     def step_index(self, sigma: torch.Tensor) -> int:
         value = float(sigma.flatten()[0])
@@ -167,8 +202,7 @@ class GuidedDenoiser:
         num_steps = len(self.sigmas) - 1
         # only the oscillating and interleaved weights change with the step; reading it costs a device sync
         step = self.step_index(sigma) if self.config.mode != "dual" else 0
-        weights = branch_weights(self.config, step, num_steps, self.conditioning.has_contexts)
-        branches = tuple(sorted(weights))
+        branches, weights = row_branch_weights(self.config, step, num_steps, self._rows_with_contexts)
         if branches not in self._stacked:  # stacked once; its context cache then lives for the generation
             self._stacked[branches] = stack_branches(self.conditioning, branches)
         count = len(branches)
@@ -176,4 +210,8 @@ class GuidedDenoiser:
         denoised = self.denoiser(x.repeat(count, *[1] * (x.dim() - 1)), sigma_rows.repeat(count),
                                  cond=self._stacked[branches])
         parts = denoised.chunk(count)
-        return sum(weights[name] * part for name, part in zip(branches, parts))
+        if bool((weights == weights[:1]).all()):  # one formula for every row: plain scalars, as before
+            return sum(float(w) * part for w, part in zip(weights[0], parts))
+        shape = (-1, *[1] * (x.dim() - 1))
+        rows = weights.to(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+        return sum((rows[:, k].reshape(shape) * part).to(x.dtype) for k, part in enumerate(parts))

@@ -20,8 +20,8 @@ from .denoiser import DiscreteDenoiser
 from .guidance import Conditioning, GuidanceConfig, GuidedDenoiser, cat_text
 from .instruction import InstructionError, MultiModalInstruction, prepare_context_image, prepare_mask
 from .loading import BaseModel
-from .samplers import SAMPLERS, prepare_noise
-from .schedules import SCHEDULES, DiscreteSchedule, get_sigmas, sigmas_for_denoise
+from .samplers import SAMPLERS, check_sampler_sigmas, prepare_noise
+from .schedules import DEFAULT_SCHEDULE, SCHEDULES, DiscreteSchedule, get_sigmas, sigmas_for_denoise
 
 MAX_PIXELS = 4096 * 4096
 
@@ -116,16 +116,25 @@ def _window_ids(tokenizer, token_lists: list[list[int]], windows: list[int]) -> 
     return torch.tensor(rows, dtype=torch.long)
 
 
+# What timestep the UNet receives for a sigma between table entries: the nearest integer one, as ComfyUI feeds
+# discrete models (the default), or the interpolated fractional one (k-diffusion's way; the bundled model's).
+TIMESTEP_MODES = ("nearest", "fractional")
+
+
 class InstructImagen:
     """A base model (UNet, text encoders, optional VAE) with a context adapter, ready to follow instructions."""
 
-    def __init__(self, base: BaseModel, model: ContextAugmentedUNet, long_text: str = "chunk"):
+    def __init__(self, base: BaseModel, model: ContextAugmentedUNet, long_text: str = "chunk",
+                 timesteps: str = "nearest"):
         if long_text not in LONG_TEXT:
             raise ValueError(f"long_text: expected one of {', '.join(LONG_TEXT)}, got {long_text!r}")
+        if timesteps not in TIMESTEP_MODES:
+            raise ValueError(f"timesteps: expected one of {', '.join(TIMESTEP_MODES)}, got {timesteps!r}")
         self.base = base
         self.model = model
         self.schedule = DiscreteSchedule.from_scheduler_config(base.scheduler_config)
         self.long_text = long_text
+        self.timesteps = timesteps
 
     @classmethod
     def from_base(cls, base: BaseModel, adapter: str | None = None,
@@ -293,7 +302,8 @@ class InstructImagen:
         def model_fn(x_in, t, cond):
             return self.model(x_in.to(self.dtype), t.to(self.device), cond.text, cond.context_state,
                               cond.added_cond_kwargs).float()
-        return DiscreteDenoiser(model_fn, self.schedule, self.base.prediction_type)
+        return DiscreteDenoiser(model_fn, self.schedule, self.base.prediction_type,
+                                quantize=self.timesteps == "nearest")
 
     @torch.no_grad()
     def generate(self, instruction: MultiModalInstruction, *, width: int | None = None,
@@ -307,7 +317,7 @@ class InstructImagen:
 
     @torch.no_grad()
     def sample(self, cond: Conditioning, *, seed: int = 0, steps: int = 20, sampler: str = "dpmpp_2m",
-               schedule: str = "karras", guidance: GuidanceConfig | None = None, width: int | None = None,
+               schedule: str = DEFAULT_SCHEDULE, guidance: GuidanceConfig | None = None, width: int | None = None,
                height: int | None = None, batch_size: int = 1, init_image: torch.Tensor | None = None,
                denoise: float = 1.0, mask: torch.Tensor | None = None,
                callback: Callable[[dict], None] | None = None) -> GenerationResult:
@@ -331,6 +341,10 @@ class InstructImagen:
         self.check_size(width, height, total)
         cond = self._with_size(cond.repeat_rows(batch_size), width, height)
         sigmas = self._sigmas(steps, schedule, denoise if init_image is not None else 1.0)
+        try:
+            check_sampler_sigmas(sampler, sigmas)
+        except ValueError as error:
+            raise InstructionError(f"{error} (schedule {schedule}, {steps} steps)") from None
         shape = (total, self.base.unet.config.in_channels, height // self.spatial_factor, width // self.spatial_factor)
         noise = prepare_noise(shape, seed).to(self.device)
         x = noise * sigmas[0]

@@ -207,6 +207,27 @@ def sample_unipc(denoiser, x, sigmas, extra_args=None, callback=None, noise_samp
     return x
 
 
+# Heun's second slope is taken at sigma' with the Euler guess; its error grows with sigma / sigma'. On the bundled
+# model (sigma_max 20,291) steps shrinking sigma 69 to 11,590 times (4-10 steps of normal, sgm_uniform, simple,
+# karras) end with latents of 6 to 5,500 in size instead of about 1; steps of up to 46 times stay stable.
+HEUN_MAX_SIGMA_RATIO = 50.0
+
+
+def check_sampler_sigmas(sampler: str, sigmas: torch.Tensor) -> None:
+    """A ValueError with the reason when `sampler` is unstable on these sigmas (today: Heun on too big a step)."""
+    if sampler != "heun" or len(sigmas) < 3:
+        return
+    sigmas = sigmas.detach().double().cpu()
+    ratios = sigmas[:-2] / sigmas[1:-1]  # the step to sigma' = 0 is an Euler step
+    worst = int(ratios.argmax())
+    if float(ratios[worst]) > HEUN_MAX_SIGMA_RATIO:
+        raise ValueError(
+            f"sampler: heun is unstable on this schedule: its step from sigma {float(sigmas[worst]):.4g} to "
+            f"{float(sigmas[worst + 1]):.4g} shrinks sigma {float(ratios[worst]):.0f} times (over "
+            f"{HEUN_MAX_SIGMA_RATIO:g}), and Heun's second slope multiplies the model's error by that; use more "
+            f"steps, the karras_capped schedule, or another sampler")
+
+
 SAMPLERS = {
     "ddim": sample_ddim,
     "euler": sample_euler,

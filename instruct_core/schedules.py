@@ -15,14 +15,21 @@ from typing import Callable
 
 import torch
 
-SCHEDULES = ("normal", "karras", "sgm_uniform", "ddim_uniform")
+# The names ComfyUI's KSampler offers mean what they mean there (comfy/samplers.py); the variants after them are
+# this library's own: "karras_capped" (the bundled model's default), diffusers' rounded sgm_uniform and its
+# "leading" DDIM spacing.
+COMFYUI_SCHEDULES = ("normal", "karras", "sgm_uniform", "simple", "ddim_uniform")
+SCHEDULES = (*COMFYUI_SCHEDULES, "karras_capped", "sgm_uniform_rounded", "ddim_leading")
+DEFAULT_SCHEDULE = "karras_capped"
 
-# The top of the "karras" schedule when a model's table reaches higher: EDM's sampling range (Karras et al. 2022).
-# The cosine schedule's capped last step sits at sigma 20,291 (zero terminal SNR's at 4,096); a 12-step Karras ramp
-# up there spends 8 steps above sigma 60, where the input holds under 1/60 of signal, and leaves the picture
-# grainy. Starting at 80 loses nothing (the model sees noise either way). Tables below 80 (Stable Diffusion's
-# 14.6) are untouched, so there "karras" is diffusers' use_karras_sigmas=True exactly.
+# The top of the "karras_capped" schedule when a model's table reaches higher: EDM's sampling range (Karras et al.
+# 2022). The cosine schedule's capped last step sits at sigma 20,291 (zero terminal SNR's at 4,096); a 12-step
+# Karras ramp up there spends 8 steps above sigma 60, where the input holds under 1/60 of signal, and leaves the
+# picture grainy. Starting at 80 loses nothing (the model sees noise either way). Tables below 80 (Stable
+# Diffusion's 14.6) are untouched, so there "karras_capped" is "karras" and diffusers' use_karras_sigmas=True.
 KARRAS_SIGMA_MAX = 80.0
+# The longest schedule built: img2img with `denoise` builds steps / denoise steps and keeps the last `steps`.
+MAX_SCHEDULE_STEPS = 10_000
 
 
 class DiscreteSchedule:
@@ -75,18 +82,21 @@ class DiscreteSchedule:
     def sigma_to_t(self, sigma: torch.Tensor, quantize: bool = False) -> torch.Tensor:
         """Float timestep(s) of `sigma`, interpolating linearly in log-sigma between table entries (k-diffusion).
 
-        Computed in sigma's dtype (at least float32), on sigma's device. `quantize` rounds to the nearest
-        integer timestep, as diffusers' multistep schedulers do for Karras sigmas.
+        Computed in sigma's dtype (at least float32), on sigma's device. `quantize` gives instead the timestep
+        whose table sigma is nearest in log-sigma: what ComfyUI feeds a discrete model
+        (ModelSamplingDiscrete.timestep), and diffusers' multistep schedulers with Karras sigmas.
         """
         sigma = torch.as_tensor(sigma)
         dtype = torch.promote_types(sigma.dtype, torch.float32)
         log_sigmas = self.log_sigmas.to(sigma.device, dtype)
         log_sigma = sigma.to(dtype).log()
+        if quantize:
+            nearest = (log_sigma.reshape(1, -1) - log_sigmas[:, None]).abs().argmin(dim=0)
+            return nearest.reshape(sigma.shape).to(dtype)
         low = (torch.searchsorted(log_sigmas, log_sigma.reshape(-1)) - 1).clamp(0, self.num_timesteps - 2)
         low_value, high_value = log_sigmas[low], log_sigmas[low + 1]
         w = ((low_value - log_sigma.reshape(-1)) / (low_value - high_value)).clamp(0, 1)
-        t = (low + w).reshape(sigma.shape)
-        return t.round() if quantize else t
+        return (low + w).reshape(sigma.shape)
 
     def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
         """Sigma at float timestep(s) `t`, interpolating linearly in log-sigma (the inverse of `sigma_to_t`)."""
@@ -131,8 +141,8 @@ def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
 def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. (2022): sigma_i = (max^(1/rho) + i/(n-1) * (min^(1/rho) - max^(1/rho)))^rho, then 0.
 
-    With sigma_min/sigma_max the ends of the model's table this is diffusers' `use_karras_sigmas=True`;
-    `get_sigmas(..., "karras")` caps sigma_max at KARRAS_SIGMA_MAX.
+    With sigma_min/sigma_max the ends of the model's table this is ComfyUI's "karras" and diffusers'
+    `use_karras_sigmas=True`; `get_sigmas(..., "karras_capped")` caps sigma_max at KARRAS_SIGMA_MAX.
     """
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
@@ -140,31 +150,51 @@ def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7
 
 
 def get_sigmas_normal(schedule: DiscreteSchedule, n: int) -> torch.Tensor:
-    """n timesteps evenly spaced from T-1 down to 0 inclusive, then sigma 0: EulerDiscreteScheduler's "linspace".
+    """n timesteps evenly spaced from T-1 down to 0 inclusive, then sigma 0: ComfyUI's "normal".
 
-    Sigma is interpolated linearly between table entries at fractional timesteps, as diffusers does here (the
-    denoiser maps sigma back to t in log-sigma; the two agree at integer t and differ by under 0.03 timesteps).
+    Sigma at a fractional timestep is interpolated linearly in log-sigma (ModelSamplingDiscrete.sigma); diffusers'
+    EulerDiscreteScheduler interpolates sigma itself, which differs by under 1e-6 relative on SD's table.
     """
     t = torch.linspace(schedule.num_timesteps - 1, 0, n, dtype=torch.float64)
-    low = t.floor().long().clamp(max=schedule.num_timesteps - 2)
-    w = t - low
-    sigmas = (1 - w) * schedule.sigmas[low] + w * schedule.sigmas[low + 1]
-    return _append_zero(sigmas).float()
+    return _append_zero(schedule.t_to_sigma(t)).float()
 
 
 def get_sigmas_sgm_uniform(schedule: DiscreteSchedule, n: int) -> torch.Tensor:
-    """n + 1 timesteps evenly spaced over [T-1, 0], rounded, the last (t = 0) dropped, then sigma 0.
+    """n + 1 timesteps evenly spaced over [T-1, 0], the last (t = 0) dropped, then sigma 0: ComfyUI's sgm_uniform.
 
-    This is the "linspace" spacing of diffusers' multistep schedulers (DPMSolverMultistep, UniPCMultistep), and
-    ComfyUI's sgm_uniform up to the rounding to integer timesteps that diffusers applies.
+    The timesteps stay fractional, their sigmas interpolated in log-sigma, as ComfyUI does.
     """
+    t = torch.linspace(schedule.num_timesteps - 1, 0, n + 1, dtype=torch.float64)[:-1]
+    return _append_zero(schedule.t_to_sigma(t)).float()
+
+
+def get_sigmas_sgm_uniform_rounded(schedule: DiscreteSchedule, n: int) -> torch.Tensor:
+    """`get_sigmas_sgm_uniform` with the timesteps rounded to integers: the "linspace" spacing of diffusers'
+    multistep schedulers (DPMSolverMultistep, UniPCMultistep)."""
     t = torch.linspace(0, schedule.num_timesteps - 1, n + 1, dtype=torch.float64).round().long().flip(0)[:-1]
+    return _append_zero(schedule.sigmas[t]).float()
+
+
+def get_sigmas_simple(schedule: DiscreteSchedule, n: int) -> torch.Tensor:
+    """Every (T / n)-th table sigma from the top, then 0: ComfyUI's "simple"."""
+    stride = schedule.num_timesteps / n
+    t = torch.tensor([schedule.num_timesteps - 1 - int(k * stride) for k in range(n)])
+    return _append_zero(schedule.sigmas[t]).float()
+
+
+def get_sigmas_ddim_uniform(schedule: DiscreteSchedule, n: int) -> torch.Tensor:
+    """ComfyUI's "ddim_uniform": table sigmas at t = 1, 1 + T // n, ... below T, top first, then 0.
+
+    The stride rounds down, so it may give more than n steps (31 for n = 30 on a 1000-step table).
+    """
+    stride = max(schedule.num_timesteps // n, 1)
+    t = torch.arange(1, schedule.num_timesteps, stride).flip(0)
     return _append_zero(schedule.sigmas[t]).float()
 
 
 def get_sigmas_ddim(schedule: DiscreteSchedule, n: int, steps_offset: int = 1,
                     set_alpha_to_one: bool = False) -> torch.Tensor:
-    """DDIMScheduler's "leading" timesteps: t_k = k * (T // n) + steps_offset for k = n-1..0.
+    """DDIMScheduler's "leading" timesteps ("ddim_leading"): t_k = k * (T // n) + steps_offset for k = n-1..0.
 
     The step after t_0 lands where DDIM puts its "final alpha": alphas_cumprod[0] (sigma_min) with Stable
     Diffusion's set_alpha_to_one=False, or alpha = 1 (sigma 0) with set_alpha_to_one=True. In the former case the
@@ -177,19 +207,26 @@ def get_sigmas_ddim(schedule: DiscreteSchedule, n: int, steps_offset: int = 1,
     return torch.cat([schedule.sigmas[t], final]).float()
 
 
-def get_sigmas(schedule: DiscreteSchedule, n: int, name: str = "normal") -> torch.Tensor:
-    """The n + 1 sigmas of the named schedule (one of SCHEDULES) for a model with this table."""
+_SCHEDULE_FUNCTIONS = {
+    "normal": get_sigmas_normal,
+    "karras": lambda schedule, n: get_sigmas_karras(n, schedule.sigma_min, schedule.sigma_max),
+    "sgm_uniform": get_sigmas_sgm_uniform,
+    "simple": get_sigmas_simple,
+    "ddim_uniform": get_sigmas_ddim_uniform,
+    "karras_capped": lambda schedule, n: get_sigmas_karras(n, schedule.sigma_min,
+                                                           min(schedule.sigma_max, KARRAS_SIGMA_MAX)),
+    "sgm_uniform_rounded": get_sigmas_sgm_uniform_rounded,
+    "ddim_leading": get_sigmas_ddim,
+}
+
+
+def get_sigmas(schedule: DiscreteSchedule, n: int, name: str = DEFAULT_SCHEDULE) -> torch.Tensor:
+    """The sigmas of the named schedule (one of SCHEDULES) for n steps of a model with this table."""
     if n < 1:
         raise ValueError(f"steps: must be at least 1, got {n}")
-    if name == "normal":
-        return get_sigmas_normal(schedule, n)
-    if name == "karras":
-        return get_sigmas_karras(n, schedule.sigma_min, min(schedule.sigma_max, KARRAS_SIGMA_MAX))
-    if name == "sgm_uniform":
-        return get_sigmas_sgm_uniform(schedule, n)
-    if name == "ddim_uniform":
-        return get_sigmas_ddim(schedule, n)
-    raise ValueError(f"schedule: {name!r} is not one of {', '.join(SCHEDULES)}")
+    if name not in _SCHEDULE_FUNCTIONS:
+        raise ValueError(f"schedule: {name!r} is not one of {', '.join(SCHEDULES)}")
+    return _SCHEDULE_FUNCTIONS[name](schedule, n)
 
 
 def sigmas_for_denoise(sigmas_fn: Callable[[int], torch.Tensor], steps: int, denoise: float) -> torch.Tensor:
@@ -203,4 +240,15 @@ def sigmas_for_denoise(sigmas_fn: Callable[[int], torch.Tensor], steps: int, den
         raise ValueError(f"denoise: must be in (0, 1], got {denoise}")
     if denoise > 0.9999:
         return sigmas_fn(steps)
-    return sigmas_fn(int(steps / denoise))[-(steps + 1):]
+    return sigmas_fn(denoise_schedule_length(steps, denoise))[-(steps + 1):]
+
+
+def denoise_schedule_length(steps: int, denoise: float) -> int:
+    """int(steps / denoise), the length of the schedule `sigmas_for_denoise` cuts from; a ValueError when that is
+    over MAX_SCHEDULE_STEPS (a tiny denoise would otherwise build a schedule of billions of steps)."""
+    length = steps / denoise
+    if not length <= MAX_SCHEDULE_STEPS:
+        least = steps / MAX_SCHEDULE_STEPS
+        raise ValueError(f"denoise: {denoise:g} with {steps} steps needs a schedule of {length:.3g} steps, over the "
+                         f"limit of {MAX_SCHEDULE_STEPS}; use a denoise of at least {least:g}")
+    return int(length)

@@ -11,7 +11,7 @@ from PIL import Image
 from ..instruct_core.guidance import GUIDANCE_MODES, GuidanceConfig
 from ..instruct_core.instruction import RESIZE_POLICIES, MultiModalInstruction
 from ..instruct_core.samplers import SAMPLERS
-from ..instruct_core.schedules import SCHEDULES
+from ..instruct_core.schedules import DEFAULT_SCHEDULE, SCHEDULES
 from .common import (
     CATEGORY,
     Conditioning,
@@ -80,7 +80,7 @@ class InstructSampler(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True),
                 io.Int.Input("steps", default=20, min=1, max=1000),
                 io.Combo.Input("sampler", options=list(SAMPLERS), default="dpmpp_2m"),
-                io.Combo.Input("schedule", options=list(SCHEDULES), default="karras"),
+                io.Combo.Input("schedule", options=list(SCHEDULES), default=DEFAULT_SCHEDULE),
                 io.Float.Input("cfg_text", default=5.0, min=0.0, max=30.0, step=0.1, round=0.01,
                                tooltip="Guidance towards the text."),
                 io.Float.Input("cfg_context", default=GuidanceConfig.context_scale, min=0.0, max=30.0, step=0.1,

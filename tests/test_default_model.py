@@ -188,3 +188,28 @@ def test_the_bundled_model_follows_a_spatial_control_beyond_its_text(task):
         return sum(s["sc"] for s in scores) / len(scores)
 
     assert control(full) > control(text_only) + CONTROL_MARGIN
+
+
+def test_heun_runs_where_it_is_stable_and_is_refused_with_the_reason_where_not():
+    """On the bundled model's cosine table (sigma up to 20,291) Heun is refused on the schedules and step counts
+    whose steps shrink sigma too fast, and ends with latents of the usual size everywhere else."""
+    from instruct_core.instruction import InstructionError, MultiModalInstruction
+    from instruct_core.samplers import HEUN_MAX_SIGMA_RATIO
+    from instruct_core.schedules import SCHEDULES
+
+    pipe = load_default(device="cpu")
+    cond = pipe.encode_instruction(MultiModalInstruction(text="a red circle on a blue background", contexts=[]))
+    refused = 0
+    for schedule in SCHEDULES:
+        for steps in (4, 10, 20):
+            sigmas = pipe._sigmas(steps, schedule, 1.0)
+            ratio = float((sigmas[:-2] / sigmas[1:-1]).max())
+            if ratio > HEUN_MAX_SIGMA_RATIO:
+                refused += 1
+                with pytest.raises(InstructionError, match=r"^sampler: heun is unstable on this schedule: .*"
+                                                           rf"shrinks sigma {ratio:.0f} times"):
+                    pipe.sample(cond, steps=steps, sampler="heun", schedule=schedule)
+            else:
+                result = pipe.sample(cond, steps=steps, sampler="heun", schedule=schedule)
+                assert torch.isfinite(result.latents).all() and result.latents.abs().max() < 3
+    assert 0 < refused < len(SCHEDULES) * 3

@@ -281,3 +281,45 @@ def test_a_text_beyond_the_window_limit_and_an_unknown_setting_are_refused(pixel
         pixel_pipe.encode_text([LONG_TAIL * (MAX_TEXT_WINDOWS + 1)])
     with pytest.raises(ValueError, match="long_text: expected one of chunk, truncate, got 'wrap'"):
         InstructImagen(pixel_pipe.base, pixel_pipe.model, long_text="wrap")
+
+
+@pytest.mark.parametrize("mode", ["dual", "oscillating", "interleaved"])
+def test_every_row_of_a_mixed_batch_is_guided_as_it_is_alone(mode):
+    """Rows with and without contexts in one batch: each row ends exactly where it ends sampled by itself."""
+    from instruct_core.guidance import Conditioning
+
+    pipe = InstructImagen.from_base(build_tiny_base(seed=0, pixel_space=True, sample_size=32))
+    with torch.no_grad():
+        for layer in pipe.model.adapter.layers.values():
+            layer.to_out.weight.normal_(std=0.1, generator=torch.Generator().manual_seed(3))
+    conds = [pipe.encode_instruction(i, (32, 32)) for i in (_instruction(2), _instruction(0), _instruction(1))]
+    sigmas = pipe._sigmas(4, "normal", 1.0)
+    config = GuidanceConfig(5.0, 2.0, mode=mode, oscillate_fraction=1.0)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    together = SAMPLERS["euler"](GuidedDenoiser(pipe.denoiser(), Conditioning.concat(conds), config, sigmas), x,
+                                 sigmas)
+    for row, cond in enumerate(conds):
+        alone = SAMPLERS["euler"](GuidedDenoiser(pipe.denoiser(), cond, config, sigmas), x[row:row + 1], sigmas)
+        # values reach 70 (pixel space at sigma 14.6, guidance 5): 5e-4 is float32 batching noise, 7e-6 relative
+        assert torch.allclose(together[row], alone[0], atol=5e-4), (mode, row)
+    assert (together[0] - together[1]).abs().max() > 1e-2  # contexts steer row 0
+
+
+def test_sigma_arithmetic_is_float32_whatever_the_state_dtype():
+    """At sigma 20,000, sigma^2 + 1 overflows float16; a float16 state must still give the model its input."""
+    from instruct_core.denoiser import DiscreteDenoiser
+    from instruct_core.schedules import DiscreteSchedule
+
+    schedule = DiscreteSchedule.from_scheduler_config({"beta_schedule": "squaredcos_cap_v2"})
+    seen = []
+    denoiser = DiscreteDenoiser(lambda x_in, t: seen.append(x_in) or torch.zeros_like(x_in), schedule,
+                                "v_prediction")
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor(schedule.sigma_max)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        denoised = denoiser((noise * 300).to(dtype), sigma)
+        assert denoised.dtype == dtype and torch.isfinite(denoised).all()
+    full, half, brain = seen
+    assert half.abs().max() > 0.001 and torch.allclose(half.float(), full, rtol=1e-2, atol=1e-4)
+    assert torch.allclose(brain.float(), full, rtol=2e-2, atol=1e-4)
+
