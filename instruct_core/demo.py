@@ -1,68 +1,86 @@
-"""`python -m instruct_core demo`: one generated image per benchmark task, each beside its instruction and
+"""`python -m instruct_core demo`: the bundled example instructions, each generated and written beside its
 contexts, and a contact sheet of them all.
 
-Each task gets a folder `OUT/<task>/` holding `instruction.json` (loadable by `generate` and the nodes),
-its context images, `result.png` and `ground_truth.png` (the benchmark's exact render of what was asked).
+The examples ship with the package (`default_model/examples/<task>/instruction.json` and its context images: one
+held-out example of every benchmark task the bundled model was measured on). Each gets a folder `OUT/<task>/`
+holding `instruction.json` (loadable by `generate` and the nodes), its context images and `result.png`; an example
+that carries a ground truth (the harness's `python -m instruct_bench demo` renders them) also gets
+`ground_truth.png`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .evaluation import EvalSettings
+from .guidance import GuidanceConfig
+from .models import DEFAULT_MODEL_DIR, DEFAULT_TEXT_SCALE
 from .pipeline import save_png, tensor_to_pil
 
+EXAMPLES_DIR = DEFAULT_MODEL_DIR / "examples"
 CELL = 96          # contact-sheet cell size; the default model draws 32x32, enlarged without smoothing
 LABEL_WIDTH = 150
 MAX_CONTEXT_COLUMNS = 3
 
 
 @dataclasses.dataclass
+class DemoExample:
+    name: str
+    instruction: object  # MultiModalInstruction
+    ground_truth: Image.Image | None = None
+
+
+@dataclasses.dataclass
 class DemoItem:
-    task: str
+    name: str
     folder: Path
     text: str
     contexts: list[Image.Image]
     result: Image.Image
-    ground_truth: Image.Image
+    ground_truth: Image.Image | None
 
 
-def demo_examples(tasks: list[str], seed: int, size: int):
-    """The first test example of every task (held-out phrasings; held-out entities for zero-shot tasks)."""
-    from .bench_tasks import make_split
-
-    return [make_split(task, "test", n=1, seed=seed, size=size)[0] for task in tasks]
+def shipped_example_names(folder: Path = EXAMPLES_DIR) -> list[str]:
+    return sorted(p.parent.name for p in folder.glob("*/instruction.json"))
 
 
-def run_demo(pipe, out_dir: Path, tasks: list[str], *, seed: int = 0, steps: int = 12,
-             text_scale: float = EvalSettings.text_scale, context_scale: float = EvalSettings.context_scale,
-             log=print) -> Path:
-    """Generate every task's example with `pipe`, write the folders and return the contact sheet's path. The
-    guidance scales are the evaluation's (docs/RESULTS.md), so the demo shows what the tables measure."""
-    from .guidance import GuidanceConfig
+def shipped_examples(names: list[str], folder: Path = EXAMPLES_DIR) -> list[DemoExample]:
+    """The named example instructions shipped with the package, loaded and checked like any user's."""
+    from .instruction import load_instruction
 
+    return [DemoExample(name, load_instruction(folder / name / "instruction.json", root=folder / name))
+            for name in names]
+
+
+def run_demo(pipe, out_dir: Path, examples: list[DemoExample], *, seed: int = 0, steps: int = 12,
+             text_scale: float = DEFAULT_TEXT_SCALE, context_scale: float = GuidanceConfig.context_scale,
+             log: Callable[[str], None] = print, progress=None) -> Path:
+    """Generate every example with `pipe`, write the folders and return the contact sheet's path. The guidance
+    scales default to those the bundled model was measured with. `progress(done, total)` follows the examples."""
     size = pipe.native_size
     guidance = GuidanceConfig(text_scale, context_scale)
     items = []
-    for example in demo_examples(tasks, seed, size):
+    for done, example in enumerate(examples):
         cond = pipe.encode_instruction(example.instruction, (size, size))
         images = pipe.sample(cond, seed=seed, steps=steps, guidance=guidance, width=size, height=size).images
-        result = tensor_to_pil(images[0])
-        item = write_task_folder(out_dir / example.task, example, result)
+        item = write_example_folder(out_dir / example.name, example, tensor_to_pil(images[0]))
         items.append(item)
-        log(f"{example.task}: {item.folder / 'result.png'}")
+        log(f"{example.name}: {item.folder / 'result.png'}")
+        if progress is not None:
+            progress(done + 1, len(examples))
     return write_contact_sheet(items, out_dir / "contact_sheet.png")
 
 
-def write_task_folder(folder: Path, example, result: Image.Image) -> DemoItem:
+def save_example(folder: Path, instruction) -> list[Image.Image]:
+    """`instruction.json` and its context images (and masks) in `folder`; returns the context images."""
     from .instruction import save_instruction
 
     folder.mkdir(parents=True, exist_ok=True)
     contexts = []
-    for context in example.instruction.contexts:
+    for context in instruction.contexts:
         name = f"context_{context.id}_{context.modality}.png"
         save_png(context.image, folder / name)
         mask_name = None
@@ -70,29 +88,36 @@ def write_task_folder(folder: Path, example, result: Image.Image) -> DemoItem:
             mask_name = f"context_{context.id}_mask.png"
             save_png(context.mask, folder / mask_name)
         contexts.append(dataclasses.replace(context, image_source=name, mask_source=mask_name))
-    instruction = dataclasses.replace(example.instruction, contexts=contexts, base_dir=folder.absolute())
-    save_instruction(instruction, folder / "instruction.json")
+    save_instruction(dataclasses.replace(instruction, contexts=contexts, base_dir=folder.absolute()),
+                     folder / "instruction.json")
+    return [context.image for context in contexts]
+
+
+def write_example_folder(folder: Path, example: DemoExample, result: Image.Image) -> DemoItem:
+    contexts = save_example(folder, example.instruction)
     save_png(result, folder / "result.png")
-    save_png(example.target, folder / "ground_truth.png")
-    return DemoItem(example.task, folder, example.instruction.text, [c.image for c in contexts], result,
-                    example.target)
+    if example.ground_truth is not None:
+        save_png(example.ground_truth, folder / "ground_truth.png")
+    return DemoItem(example.name, folder, example.instruction.text, contexts, result, example.ground_truth)
 
 
 def write_contact_sheet(items: list[DemoItem], path: Path) -> Path:
-    """Rows: task and instruction | up to three contexts | result | ground truth."""
-    columns = MAX_CONTEXT_COLUMNS + 2
+    """Rows: example and instruction | up to three contexts | result | ground truth (where the examples have one)."""
+    with_truth = any(item.ground_truth is not None for item in items)
+    titles = ["context"] * MAX_CONTEXT_COLUMNS + ["result"] + (["ground truth"] if with_truth else [])
     header = 20
-    sheet = Image.new("RGB", (LABEL_WIDTH + columns * CELL, header + len(items) * CELL), "white")
+    sheet = Image.new("RGB", (LABEL_WIDTH + len(titles) * CELL, header + len(items) * CELL), "white")
     draw = ImageDraw.Draw(sheet)
-    for column, title in enumerate(["context"] * MAX_CONTEXT_COLUMNS + ["result", "ground truth"]):
+    for column, title in enumerate(titles):
         draw.text((LABEL_WIDTH + column * CELL + 4, 4), title, fill="black")
     for row, item in enumerate(items):
         top = header + row * CELL
-        draw.text((4, top + 4), item.task, fill="black")
-        for line, chunk in enumerate(_wrap(item.text, 24)[:6]):
+        draw.text((4, top + 4), item.name, fill="black")
+        for line, chunk in enumerate(wrap_words(item.text, 24)[:6]):
             draw.text((4, top + 20 + 12 * line), chunk, fill=(90, 90, 90))
         cells = item.contexts[:MAX_CONTEXT_COLUMNS] + [None] * (MAX_CONTEXT_COLUMNS - len(item.contexts))
-        for column, image in enumerate(cells + [item.result, item.ground_truth]):
+        cells += [item.result] + ([item.ground_truth] if with_truth else [])
+        for column, image in enumerate(cells):
             if image is not None:
                 sheet.paste(image.convert("RGB").resize((CELL - 4, CELL - 4), Image.NEAREST),
                             (LABEL_WIDTH + column * CELL + 2, top + 2))
@@ -100,7 +125,7 @@ def write_contact_sheet(items: list[DemoItem], path: Path) -> Path:
     return path
 
 
-def _wrap(text: str, width: int) -> list[str]:
+def wrap_words(text: str, width: int) -> list[str]:
     lines, current = [], ""
     for word in text.split():
         if current and len(current) + 1 + len(word) > width:

@@ -1,7 +1,13 @@
-"""Named models: the bundled default, small models built in code, or a user's checkpoint."""
+"""Named models: the bundled default, small models built in code, or a user's checkpoint.
+
+The bundled default is a small pixel-space (Imagen-like) model; its folder holds `model.safetensors` (fp16: UNet,
+text encoder, adapter) and `config.json` (its architecture, adapter settings and how it was built). The harness
+(`python -m instruct_bench build-default`) trains and writes it; this module only reads it.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -9,11 +15,62 @@ import torch
 from .pipeline import InstructImagen
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+DEFAULT_WEIGHTS = "model.safetensors"
 BUILTIN_MODELS = ("default", "tiny")
+# The text guidance scale the bundled model is measured with (docs/RESULTS.md) and the demo samples at.
+DEFAULT_TEXT_SCALE = 3.0
 
 
 def default_model_available() -> bool:
-    return (DEFAULT_MODEL_DIR / "model.safetensors").is_file()
+    return (DEFAULT_MODEL_DIR / DEFAULT_WEIGHTS).is_file()
+
+
+def build_default_base(architecture: dict, seed: int = 0):
+    """The default model's base in `architecture` (as its config.json stores it), freshly initialised (seeded)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .loading import BaseModel
+    from .tiny import tiny_tokenizer
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**architecture["text_encoder"])).eval()
+    unet = UNet2DConditionModel(**architecture["unet"]).eval()
+    scheduler = dict(architecture["scheduler"])
+    return BaseModel(unet=unet, vae=None, text_encoders=[text_encoder],
+                     tokenizers=[tiny_tokenizer(architecture["tokenizer_max_length"])], scheduler_config=scheduler,
+                     prediction_type=scheduler["prediction_type"], kind="custom", vae_scaling_factor=1.0,
+                     source="default")
+
+
+def load_default(adapter: str | None = None, device: str = "auto", dtype: str = "auto", adapter_config=None,
+                 folder: Path = DEFAULT_MODEL_DIR) -> InstructImagen:
+    """The bundled model as an InstructImagen; `adapter` replaces its own trained adapter."""
+    from safetensors.torch import load_file
+
+    from .context_unet import ContextAdapterConfig, ContextAugmentedUNet
+    from .loading import resolve_device, resolve_dtype
+
+    config = json.loads((folder / "config.json").read_text())
+    base = build_default_base(config["architecture"])
+    tensors = load_file(str(folder / DEFAULT_WEIGHTS))
+    part = lambda prefix: {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+    base.unet.load_state_dict(part("unet."))
+    base.text_encoders[0].load_state_dict(part("text_encoder."), strict=False)
+    if adapter is not None:
+        pipe = InstructImagen.from_base(base, adapter=adapter)
+    else:
+        own = ContextAdapterConfig.from_dict(config["adapter_config"])
+        model = ContextAugmentedUNet(base.unet, adapter_config or own)
+        if adapter_config is None:
+            model.adapter.load_state_dict(part("adapter."))
+        pipe = InstructImagen(base, model)
+    pipe.timesteps = "fractional"  # what its published figures were measured with
+    target_device = resolve_device(device)
+    target_dtype = torch.float32 if dtype == "auto" and target_device.type == "cpu" else resolve_dtype(dtype, target_device)
+    pipe.model.to(device=target_device, dtype=target_dtype)
+    pipe.base.text_encoders[0].to(target_device)
+    return pipe
 
 
 def load_pipeline(model: str = "default", adapter: str | None = None, device: str = "auto", dtype: str = "auto",
@@ -22,8 +79,6 @@ def load_pipeline(model: str = "default", adapter: str | None = None, device: st
     from .loading import load_base, resolve_device, resolve_dtype
 
     if model == "default" and default_model_available():
-        from .default_model import load_default
-
         return load_default(adapter=adapter, device=device, dtype=dtype, adapter_config=adapter_config)
     if model in BUILTIN_MODELS:
         from .tiny import build_tiny_base

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -392,3 +393,11 @@ class InstructImagen:
         return sample.expand(batch_size, -1, -1, -1)
 
 
+def save_images(images, out: Path) -> list[Path]:
+    """Write (B, 3, H, W) images in [0, 1] as PNGs; atomic per file so a reader never sees half an image."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if images.shape[0] == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
+                                                  for i in range(images.shape[0])]
+    for image, path in zip(images, paths):
+        save_png(tensor_to_pil(image), path)
+    return paths

@@ -119,10 +119,10 @@ class EncodedInstruction:
 
 def _library_errors() -> tuple[type[BaseException], ...]:
     from ..instruct_core.adapter_io import AdapterError
-    from ..instruct_core.data import DataError
+    from ..instruct_core.train.data import DataError
     from ..instruct_core.loading import ModelLoadError
-    from ..instruct_core.train_config import ConfigError
-    from ..instruct_core.training import TrainingError
+    from ..instruct_core.train.config import ConfigError
+    from ..instruct_core.train.trainer import TrainingError
 
     return (InstructionError, AdapterError, ModelLoadError, ConfigError, DataError, TrainingError)
 

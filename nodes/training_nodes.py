@@ -30,7 +30,7 @@ def dataset_path(dataset: str) -> Path:
 
 def check_dataset_confined(path: Path) -> None:
     """Refuse a dataset any of whose files resolve outside the input directory (through symlinks or paths)."""
-    from ..instruct_core.data import DataReport, read_dataset
+    from ..instruct_core.train.data import DataReport, read_dataset
 
     report = DataReport(source=str(path))
     with node_errors():
@@ -113,7 +113,7 @@ class FineTuneStage(io.ComfyNode):
     @classmethod
     def train(cls, settings: dict, resume: bool, steps: int, base_model: str):
         from ..instruct_core.models import load_pipeline
-        from ..instruct_core.train_config import config_from_dict
+        from ..instruct_core.train.config import config_from_dict
 
         progress = comfy.utils.ProgressBar(steps)
 
@@ -126,7 +126,7 @@ class FineTuneStage(io.ComfyNode):
             if settings["data"]["resolution"] is None:
                 settings["data"].pop("resolution")
             try:
-                from ..instruct_core.stages import adapter_config_of, run_training
+                from ..instruct_core.train.stages import adapter_config_of, run_training
 
                 config = config_from_dict(settings)
                 pipe = load_pipeline(config.base_model, config.adapter, dtype="fp32",

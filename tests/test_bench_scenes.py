@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from instruct_core import bench_metrics as metrics
-from instruct_core import bench_scenes as scenes
-from instruct_core import bench_tasks as tasks
-from instruct_core.bench_scenes import Background, Scene, SceneObject
-from instruct_core.data import ImageTextItem, TrainingExample
+from instruct_bench import metrics
+from instruct_bench import scenes
+from instruct_bench import tasks
+from instruct_bench.scenes import Background, Scene, SceneObject
+from instruct_core.train.data import ImageTextItem, TrainingExample
 from instruct_core.instruction import parse_markers
 
 
@@ -351,7 +351,7 @@ def test_mixture_dataset_yields_training_examples_by_weight():
 
 
 def test_stage1_items_have_near_neighbours():
-    from instruct_core.retrieval import PixelEmbedder
+    from instruct_core.train.retrieval import PixelEmbedder
 
     items = tasks.stage1_items(80, seed=0, variants=4, move_objects=False)
     assert len(items) == 80 and all(isinstance(i, ImageTextItem) and i.image is not None for i in items)

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from instruct_core import bench_comfyui, benchmark
-from instruct_core.cli import main
+from instruct_bench import speed, speed_comfyui
+from instruct_bench.cli import main
 
 CPU = torch.device("cpu")
 
@@ -23,18 +23,18 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def setup():
-    return benchmark.build_setup("tiny", CPU, torch.float32)
+    return speed.build_setup("tiny", CPU, torch.float32)
 
 
 @pytest.fixture(scope="module")
 def sample_report():
-    settings = benchmark.SampleBenchSettings(device="cpu", batches=(1,), contexts=(0, 1), steps=2, warmup=0,
+    settings = speed.SampleBenchSettings(device="cpu", batches=(1,), contexts=(0, 1), steps=2, warmup=0,
                                              repeats=1)
-    return benchmark.bench_sample(settings, log=lambda line: None)
+    return speed.bench_sample(settings, log=lambda line: None)
 
 
 def _row(report, **match):
-    return benchmark.find_row(report["rows"], **match)
+    return speed.find_row(report["rows"], **match)
 
 
 def test_sample_report_has_a_row_per_path_and_guidance(sample_report):
@@ -46,7 +46,7 @@ def test_sample_report_has_a_row_per_path_and_guidance(sample_report):
     assert all(r["unet_calls_per_step"] == 1 for r in sample_report["rows"])
     assert sample_report["peak"]["flops_per_s"] > 0
     assert {c["status"] for c in sample_report["checks"]} <= {"PASS", "FAIL", "n/a"}
-    text = benchmark.format_sample_report(sample_report)
+    text = speed.format_sample_report(sample_report)
     assert "diffusers" in text and "Checks:" in text and sample_report["environment"]["torch"] in text
 
 
@@ -64,21 +64,21 @@ def test_flops_grow_with_contexts_and_match_diffusers_without(sample_report):
 
 
 def test_contexts_are_encoded_once_per_generation(setup):
-    settings = benchmark.SampleBenchSettings()
-    inputs = benchmark.sample_inputs(setup, batch=2, seed=0)
-    contexts = benchmark.context_inputs(setup, batch=2, contexts=2, seed=0)
+    settings = speed.SampleBenchSettings()
+    inputs = speed.sample_inputs(setup, batch=2, seed=0)
+    contexts = speed.context_inputs(setup, batch=2, contexts=2, seed=0)
     before = setup.model.encoder_calls
-    run = benchmark.run_ours(setup, inputs, contexts, benchmark.guidance_config("dual", settings), steps=3)
+    run = speed.run_ours(setup, inputs, contexts, speed.guidance_config("dual", settings), steps=3)
     assert setup.model.encoder_calls == before + 1
     assert run.unet_rows == [2 * 3] * 3  # every branch of a step in one UNet call
     assert len(run.step_s) == 3 and run.encode_s > 0
 
 
 def test_our_k0_path_and_raw_diffusers_reach_the_same_latents(setup):
-    settings = benchmark.SampleBenchSettings()
-    inputs = benchmark.sample_inputs(setup, batch=2, seed=3)
-    ours = benchmark.run_ours(setup, inputs, None, benchmark.guidance_config("cfg", settings), steps=4)
-    theirs = benchmark.run_diffusers(setup, inputs, settings.guidance_scale, steps=4)
+    settings = speed.SampleBenchSettings()
+    inputs = speed.sample_inputs(setup, batch=2, seed=3)
+    ours = speed.run_ours(setup, inputs, None, speed.guidance_config("cfg", settings), steps=4)
+    theirs = speed.run_diffusers(setup, inputs, settings.guidance_scale, steps=4)
     assert ours.unet_rows == theirs.unet_rows == [4] * 4
     scale = theirs.latents.abs().max()
     assert (ours.latents - theirs.latents).abs().max() <= 1e-5 * scale
@@ -89,7 +89,7 @@ def test_our_k0_path_and_raw_diffusers_reach_the_same_latents(setup):
 
 def test_cli_bench_sample_writes_the_json(tmp_path, capsys):
     out = tmp_path / "sample.json"
-    code = main(["bench", "sample", "--device", "cpu", "--batch", "1", "--contexts", "0", "--steps", "1",
+    code = main(["speed", "sample", "--device", "cpu", "--batch", "1", "--contexts", "0", "--steps", "1",
                  "--warmup", "0", "--repeats", "1", "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
@@ -99,7 +99,7 @@ def test_cli_bench_sample_writes_the_json(tmp_path, capsys):
 
 def test_cli_bench_train_writes_the_json(tmp_path):
     out = tmp_path / "train.json"
-    code = main(["bench", "train", "--device", "cpu", "--batch", "1", "--steps", "1", "--warmup", "0",
+    code = main(["speed", "train", "--device", "cpu", "--batch", "1", "--steps", "1", "--warmup", "0",
                  "--json", str(out)])
     assert code == 0
     rows = json.loads(out.read_text())["rows"]
@@ -130,7 +130,7 @@ COMFY = ["--server", "http://127.0.0.1:1", "--checkpoint", "x.safetensors"]
     (["comfyui", "--server", "ftp://host", "--checkpoint", "x.safetensors"], "--server"),
 ])
 def test_bad_bench_values_exit_2_with_a_message(args, message, capsys):
-    assert main(["bench", *args]) == 2
+    assert main(["speed", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err
 
@@ -138,7 +138,7 @@ def test_bad_bench_values_exit_2_with_a_message(args, message, capsys):
 @pytest.mark.parametrize("args", [[], ["profile"], ["sample", "--size", "huge"], ["train", "--device", "tpu"]])
 def test_malformed_bench_arguments_exit_2(args):
     with pytest.raises(SystemExit) as raised:
-        main(["bench", *args])
+        main(["speed", *args])
     assert raised.value.code == 2
 
 
@@ -151,23 +151,23 @@ def test_comfyui_bench_times_steps_from_progress_events():
                (1.8, event("progress", node="6", value=1, max=1)), (2.0, event("progress", node="5", value=3, max=3)),
                (2.5, event("executing", node="6")), (3.0, event("executing", node=None))]
     # the first step's interval (from the node's start) is not a step: it holds the sampler's setup
-    assert bench_comfyui.step_intervals(stamped, "5") == pytest.approx([0.2, 0.3])
-    assert bench_comfyui.node_seconds(stamped, "5") == pytest.approx(1.5)
-    assert bench_comfyui.node_seconds(stamped, "6") == pytest.approx(0.5)
-    assert bench_comfyui.node_seconds(stamped, "9") is None
+    assert speed_comfyui.step_intervals(stamped, "5") == pytest.approx([0.2, 0.3])
+    assert speed_comfyui.node_seconds(stamped, "5") == pytest.approx(1.5)
+    assert speed_comfyui.node_seconds(stamped, "6") == pytest.approx(0.5)
+    assert speed_comfyui.node_seconds(stamped, "9") is None
 
 
 def test_comfyui_bench_graphs_sample_alike():
-    settings = bench_comfyui.ComfyBenchSettings(server="http://x", checkpoint="m.safetensors", size=256, batch=2,
+    settings = speed_comfyui.ComfyBenchSettings(server="http://x", checkpoint="m.safetensors", size=256, batch=2,
                                                 steps=7, cfg=4.5)
-    graph = bench_comfyui.round_graph(settings, seed=3)
-    comfy = graph[bench_comfyui.sampler_node(graph, "KSampler")]["inputs"]
-    ours = graph[bench_comfyui.sampler_node(graph, "InstructSampler")]["inputs"]
+    graph = speed_comfyui.round_graph(settings, seed=3)
+    comfy = graph[speed_comfyui.sampler_node(graph, "KSampler")]["inputs"]
+    ours = graph[speed_comfyui.sampler_node(graph, "InstructSampler")]["inputs"]
     assert (comfy["steps"], comfy["cfg"], comfy["sampler_name"], comfy["scheduler"], comfy["seed"]) == \
         (ours["steps"], ours["cfg_text"], ours["sampler"], ours["schedule"], ours["seed"])
     assert ours["cfg_context"] == 1.0  # no contexts: text guidance alone, two rows per image like KSampler
     # both chains in one prompt, each wired to its own nodes
-    assert len(graph) == len(bench_comfyui.comfyui_graph(settings, 3)) + len(bench_comfyui.instruct_graph(settings, 3))
+    assert len(graph) == len(speed_comfyui.comfyui_graph(settings, 3)) + len(speed_comfyui.instruct_graph(settings, 3))
     for spec in graph.values():
         for value in spec["inputs"].values():
             assert not isinstance(value, list) or value[0] in graph
@@ -176,24 +176,24 @@ def test_comfyui_bench_graphs_sample_alike():
 def test_the_random_checkpoint_never_replaces_a_file(tmp_path, capsys):
     existing = tmp_path / "real.safetensors"
     existing.write_bytes(b"a real model")
-    code = main(["bench", "comfyui", "--server", "http://127.0.0.1:1", "--checkpoint", "real.safetensors",
+    code = main(["speed", "comfyui", "--server", "http://127.0.0.1:1", "--checkpoint", "real.safetensors",
                  "--write-random-checkpoint", str(tmp_path)])
     assert code == 2 and "exists" in capsys.readouterr().err
     assert existing.read_bytes() == b"a real model"
     with pytest.raises(FileExistsError):
-        bench_comfyui.write_random_checkpoint(existing)
+        speed_comfyui.write_random_checkpoint(existing)
     assert existing.read_bytes() == b"a real model"
     # the server is asked first: an unreachable one costs no gigabytes of writing
-    assert main(["bench", "comfyui", "--server", "http://127.0.0.1:1", "--checkpoint", "new.safetensors",
+    assert main(["speed", "comfyui", "--server", "http://127.0.0.1:1", "--checkpoint", "new.safetensors",
                  "--write-random-checkpoint", str(tmp_path)]) == 1
     assert not (tmp_path / "new.safetensors").exists()
 
 
 def test_comfyui_bench_says_when_the_server_is_unreachable(capsys):
-    assert main(["bench", "comfyui", *COMFY]) == 1
+    assert main(["speed", "comfyui", *COMFY]) == 1
     assert "cannot reach http://127.0.0.1:1" in capsys.readouterr().err
     # a checkpoint in a subfolder is a name the server lists; nothing is written for an unreachable server
-    assert main(["bench", "comfyui", "--server", "http://127.0.0.1:1", "--checkpoint", "sd/m.safetensors"]) == 1
+    assert main(["speed", "comfyui", "--server", "http://127.0.0.1:1", "--checkpoint", "sd/m.safetensors"]) == 1
 
 
 def test_the_random_checkpoint_has_the_shape_asked_for_and_loads_like_a_real_one(tmp_path):
@@ -203,7 +203,7 @@ def test_the_random_checkpoint_has_the_shape_asked_for_and_loads_like_a_real_one
     from test_loading import tiny_base, write_config_dir
 
     config_dir = write_config_dir(tmp_path / "config", tiny_base("sdxl"))
-    path = bench_comfyui.write_random_checkpoint(tmp_path / "random_sdxl.safetensors", "sdxl", config_dir=config_dir)
+    path = speed_comfyui.write_random_checkpoint(tmp_path / "random_sdxl.safetensors", "sdxl", config_dir=config_dir)
     with safe_open(str(path), "pt") as handle:
         keys = list(handle.keys())
         assert {handle.get_slice(k).get_dtype() for k in keys} == {"F16"}
@@ -213,4 +213,4 @@ def test_the_random_checkpoint_has_the_shape_asked_for_and_loads_like_a_real_one
     assert loaded.unet.config.addition_embed_type == "text_time"
     assert [type(e).__name__ for e in loaded.text_encoders] == ["CLIPTextModel", "CLIPTextModelWithProjection"]
     with pytest.raises(FileExistsError):
-        bench_comfyui.write_random_checkpoint(path, "sdxl", config_dir=config_dir)
+        speed_comfyui.write_random_checkpoint(path, "sdxl", config_dir=config_dir)

@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 
-from instruct_core import default_model as dm
-from instruct_core.bench_tasks import BENCH_MIX
-from instruct_core.cli import main
-from instruct_core.training import TrainingError
+from instruct_bench import build_default as dm
+from instruct_bench.tasks import BENCH_MIX
+from instruct_bench.cli import main
+from instruct_core.train.trainer import TrainingError
 
 # The bundled recipe's shape at a size that trains in seconds.
 SMALL = {
@@ -152,7 +152,7 @@ def test_stages_that_train_the_base_keep_the_pretrained_one_as_the_text_only_bas
     import torch
     from safetensors.torch import load_file
 
-    from instruct_core.evaluation import variant_pipe
+    from instruct_bench.evaluation import variant_pipe
 
     folder, work, quiet = tmp_path / "model", tmp_path / "work", lambda line: None
     dm.build(folder, work, copy.deepcopy(SMALL_FULL), phases=("pretrain",), log=quiet)
@@ -228,7 +228,7 @@ def test_stages_that_train_the_base_keep_the_pretrained_one_as_the_text_only_bas
 def test_adapter_only_recipes_keep_adapter_files_and_the_shared_base(built, tmp_path):
     import torch
 
-    from instruct_core.evaluation import variant_pipe
+    from instruct_bench.evaluation import variant_pipe
 
     root, _ = built
     folder, work = copy_of(root, tmp_path)
@@ -284,7 +284,7 @@ def test_the_cooldown_decays_its_rate_over_its_own_length(built, tmp_path):
     root, measured = built
     cooldown = dm.instruction_dataset("stage2_cooldown", SMALL["stage2_cooldown"], seed=0)
     assert {cooldown.example(i).task for i in range(40)} == {"subject", "inpainting"}
-    from instruct_core.checkpointing import list_checkpoints, load_checkpoint
+    from instruct_core.train.checkpointing import list_checkpoints, load_checkpoint
 
     _, state = load_checkpoint(list_checkpoints(root / "work" / "stage2_cooldown" / "checkpoints")[-1])
     assert state["lr_schedule"] == {"schedule": "linear", "warmup_steps": 0, "steps": 2}
@@ -300,7 +300,7 @@ def test_a_pretraining_cooldown_on_a_built_model_starts_from_its_pretrained_base
     """Adding the cooldown to a model built without one continues pretraining, not the stage-2-trained base."""
     import torch
 
-    from instruct_core.evaluation import variant_pipe
+    from instruct_bench.evaluation import variant_pipe
 
     folder, work, quiet = tmp_path / "model", tmp_path / "work", lambda line: None
     recipe = {k: v for k, v in copy.deepcopy(SMALL_FULL).items() if k != "pretrain_cooldown"}

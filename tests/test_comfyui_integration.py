@@ -292,7 +292,7 @@ def test_interrupt_stops_sampling_within_a_step(server):
 def test_the_ksampler_comparison_runs_on_the_same_checkpoint(server, tmp_path):
     """`bench comfyui` end to end on a random SD1.5-shaped single file that both samplers load."""
     report_path = tmp_path / "report.json"
-    command = [sys.executable, "-m", "instruct_core", "bench", "comfyui", "--server", server.url,
+    command = [sys.executable, "-m", "instruct_bench", "speed", "comfyui", "--server", server.url,
                "--checkpoint", "random_sd15.safetensors", "--write-random-checkpoint",
                str(server.base / "models" / "checkpoints"), "--size", "64", "--steps", "3", "--repeats", "1",
                "--json", str(report_path)]

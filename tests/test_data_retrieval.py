@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from instruct_core.data import DataError, DataReport, ImageTextItem, expand_braces, read_dataset
-from instruct_core.retrieval import (
+from instruct_core.train.data import DataError, DataReport, ImageTextItem, expand_braces, read_dataset
+from instruct_core.train.retrieval import (
     TEMPLATES,
     Cluster,
     ModelEmbedder,

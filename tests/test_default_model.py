@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from instruct_core.cli import build_parser, main
-from instruct_core.default_model import DEFAULT_DIR, FOCUS_MIX, TRAINING_PHASES, WEIGHTS, load_default
-from instruct_core.evaluation import EVALUATOR_FILE, EvalSettings, bootstrap_interval, compare, evaluate, summary_table
+from instruct_bench.cli import build_parser, main
+from instruct_bench.build_default import DEFAULT_DIR, FOCUS_MIX, TRAINING_PHASES, WEIGHTS, load_default
+from instruct_bench.evaluation import EVALUATOR_FILE, EvalSettings, bootstrap_interval, compare, evaluate, summary_table
 from instruct_core.models import default_model_available, load_pipeline
 
 pytestmark = pytest.mark.skipif(not default_model_available(), reason="no default model bundled")
@@ -35,7 +35,7 @@ def test_default_is_what_the_cli_and_api_load():
 
 
 def test_default_model_generates_deterministically():
-    from instruct_core.bench_tasks import make_split
+    from instruct_bench.tasks import make_split
 
     pipe = load_default(device="cpu")
     example = make_split("edge_to_image", "test", 1, seed=3)[0]
@@ -55,7 +55,7 @@ def test_bootstrap_interval_brackets_the_mean():
 def test_reduced_eval_writes_the_results_tables(tmp_path, capsys):
     out = tmp_path / "RESULTS.md"
     code = main(["eval", "--quick", "--variants", "full,text_only", "--tasks", "edge_to_image,control_subject",
-                 "--out", str(out), "--jobs", "2", "--cfg-context", "3.0", "--cache", str(tmp_path / "cache")])
+                 "--out", str(out.parent), "--jobs", "2", "--cfg-context", "3.0", "--cache", str(tmp_path / "cache")])
     assert code == 0
     kept = sorted(str(p.relative_to(tmp_path / "cache")) for p in (tmp_path / "cache").rglob("*.json"))
     assert kept == ["full/control_subject.json", "full/edge_to_image.json", "text_only/control_subject.json",
@@ -79,7 +79,7 @@ def test_reduced_eval_writes_the_results_tables(tmp_path, capsys):
     assert data["settings"]["split"] == "test"
     # a rerun reads all four scores back, whichever process kept them, and says so
     assert main(["eval", "--quick", "--variants", "full,text_only", "--tasks", "edge_to_image,control_subject",
-                 "--out", str(out), "--jobs", "2", "--cfg-context", "3.0", "--cache", str(tmp_path / "cache")]) == 0
+                 "--out", str(out.parent), "--jobs", "2", "--cfg-context", "3.0", "--cache", str(tmp_path / "cache")]) == 0
     assert "with 4 of 4 scores read from the cache" in out.read_text()
     assert json.loads((tmp_path / "results.json").read_text())["results"] == data["results"]
 
@@ -94,7 +94,7 @@ def test_eval_defaults_are_the_settings_the_published_tables_used():
 def test_eval_can_tune_on_the_training_split(tmp_path):
     out = tmp_path / "RESULTS.md"
     assert main(["eval", "--quick", "--variants", "text_only", "--tasks", "edge_to_image", "--split", "train",
-                 "--out", str(out), "--cache", ""]) == 0
+                 "--out", str(out.parent), "--cache", ""]) == 0
     assert "4 train examples per task" in out.read_text()
     test = evaluate(["text_only"], ["edge_to_image"], EvalSettings(examples_per_task=4, steps=8),
                     log=lambda line: None)
@@ -105,7 +105,7 @@ def test_eval_can_tune_on_the_training_split(tmp_path):
 @pytest.mark.skipif(not EVALUATOR_FILE.is_file(), reason="no evaluator bundled")
 def test_an_eval_goes_on_from_the_scores_it_kept_and_only_from_matching_ones(tmp_path, capsys):
     cache, out = tmp_path / "cache", tmp_path / "RESULTS.md"
-    args = ["eval", "--quick", "--variants", "text_only", "--tasks", "edge_to_image", "--out", str(out),
+    args = ["eval", "--quick", "--variants", "text_only", "--tasks", "edge_to_image", "--out", str(out.parent),
             "--cache", str(cache)]
     assert main(args) == 0
     assert "(kept)" not in capsys.readouterr().out
@@ -133,7 +133,7 @@ def test_an_eval_goes_on_from_the_scores_it_kept_and_only_from_matching_ones(tmp
 def test_a_score_key_names_the_weights_settings_and_task():
     import torch
 
-    from instruct_core.evaluation import score_key, scorer_digest, variant_pipe, weights_digest
+    from instruct_bench.evaluation import score_key, scorer_digest, variant_pipe, weights_digest
 
     pipe = variant_pipe("text_only")
     weights, scorer = weights_digest(pipe), scorer_digest()
@@ -173,9 +173,9 @@ def test_the_bundled_model_follows_a_spatial_control_beyond_its_text(task):
     """The same instructions, seeds and sampler for the bundled model and its text-only baseline (the
     pretrained base, untrained context layers): the control's fidelity (edge F1, mask IoU) must rise clearly
     (docs/RESULTS.md has the full measurement)."""
-    from instruct_core.bench_metrics import score_batch
-    from instruct_core.bench_tasks import make_split
-    from instruct_core.evaluation import generate_for, load_evaluator, variant_pipe
+    from instruct_bench.metrics import score_batch
+    from instruct_bench.tasks import make_split
+    from instruct_bench.evaluation import generate_for, load_evaluator, variant_pipe
 
     examples = make_split(task, "test", 12, seed=7)
     settings = EvalSettings(examples_per_task=12, steps=8)

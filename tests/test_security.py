@@ -36,7 +36,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from instruct_core import adapter_io, checkpointing
+from instruct_core import adapter_io
+from instruct_core.train import checkpointing
 from instruct_core import pipeline as pipeline_module
 from instruct_core.adapter_io import (
     LORA_TARGETS,
@@ -46,10 +47,10 @@ from instruct_core.adapter_io import (
     load_adapter,
     save_adapter,
 )
-from instruct_core.checkpointing import list_checkpoints, load_checkpoint
+from instruct_core.train.checkpointing import list_checkpoints, load_checkpoint
 from instruct_core.cli import main
 from instruct_core.context_unet import ContextAugmentedUNet
-from instruct_core.data import DataReport, read_dataset
+from instruct_core.train.data import DataReport, read_dataset
 from instruct_core.instruction import (
     MAX_DOCUMENT_BYTES,
     MAX_IMAGE_PIXELS,
@@ -61,8 +62,8 @@ from instruct_core.instruction import (
 from instruct_core.loading import ModelLoadError, load_base, read_checkpoint
 from instruct_core.pipeline import MAX_PIXELS, InstructImagen
 from instruct_core.tiny import build_tiny_base, tiny_unet
-from instruct_core.train_config import ConfigError, config_from_dict, load_config
-from instruct_core.training import Trainer, TrainingError
+from instruct_core.train.config import ConfigError, config_from_dict, load_config
+from instruct_core.train.trainer import Trainer, TrainingError
 
 try:
     import resource
@@ -680,7 +681,7 @@ def test_a_symlink_loop_opens_no_way_out_of_a_dataset_root(tree):
 
 
 def test_dataset_source_outside_the_root_is_refused(tree):
-    from instruct_core.data import DataError
+    from instruct_core.train.data import DataError
 
     with pytest.raises(DataError, match="outside the allowed root"):
         read_dataset(tree.root / "dir_out", root=tree.root)
@@ -867,7 +868,7 @@ def test_a_failed_adapter_save_keeps_the_old_file(saved_adapter, monkeypatch, ki
 
 
 def test_cli_ends_a_disk_fault_with_one_line(tmp_path, monkeypatch, capsys):
-    import instruct_core.stages as stages
+    import instruct_core.train.stages as stages
 
     monkeypatch.setattr(stages, "run_training", lambda *a, **k: _raise_enospc())
     config = tmp_path / "train.yaml"
@@ -878,7 +879,7 @@ def test_cli_ends_a_disk_fault_with_one_line(tmp_path, monkeypatch, capsys):
 
 
 def _memory_hungry_trainer(output_dir: Path, pipe: InstructImagen) -> Trainer:
-    from instruct_core.bench_tasks import BenchmarkTaskDataset
+    from instruct_bench.tasks import BenchmarkTaskDataset
 
     config = config_from_dict({"stage": 2, "base_model": "tiny", "output_dir": str(output_dir),
                                "data": {"source": "benchmark", "resolution": 64},
@@ -896,7 +897,7 @@ from pathlib import Path
 from test_security import _memory_hungry_trainer, memory_ceiling
 from instruct_core.pipeline import InstructImagen
 from instruct_core.tiny import build_tiny_base
-from instruct_core.training import TrainingError
+from instruct_core.train.trainer import TrainingError
 
 trainer = _memory_hungry_trainer(Path(sys.argv[2]), InstructImagen.from_base(build_tiny_base()))
 trainer.step = 1

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from instruct_core import controls
-from instruct_core.data import ImageTextItem
+from instruct_core.train.data import ImageTextItem
 from instruct_core.instruction import DEFAULT_MODALITIES, parse_markers
-from instruct_core.tasks import (
+from instruct_core.train.instruction_tasks import (
     PAPER_MIX,
     TASKS,
     InstructionJsonlDataset,

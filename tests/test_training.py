@@ -16,16 +16,16 @@ import yaml
 from PIL import Image, ImageDraw
 
 from instruct_core.adapter_io import read_adapter_metadata
-from instruct_core.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
+from instruct_core.train.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
 from instruct_core.cli import main
 from instruct_core.pipeline import InstructImagen
-from instruct_core.retrieval import load_clusters
-from instruct_core.stages import run_training
-from instruct_core.data import TrainingExample
+from instruct_core.train.retrieval import load_clusters
+from instruct_core.train.stages import run_training
+from instruct_core.train.data import TrainingExample
 from instruct_core.instruction import MultiModalInstruction
 from instruct_core.tiny import build_tiny_base, tiny_tokenizer
-from instruct_core.training import StepBatches, add_filler_words, filler_words
-from instruct_core.train_config import ConfigError, config_from_dict, load_config
+from instruct_core.train.trainer import StepBatches, add_filler_words, filler_words
+from instruct_core.train.config import ConfigError, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (210, 40, 40), "blue": (40, 60, 210), "green": (40, 170, 60), "yellow": (230, 210, 40)}
@@ -85,7 +85,7 @@ def test_stage1_then_stage2_then_generate(dataset, tmp_path):
     config2 = _config(tmp_path, 2, dataset)
     config2.adapter = str(stage1.adapter_path)
     from instruct_core.models import load_pipeline
-    from instruct_core.stages import adapter_config_of
+    from instruct_core.train.stages import adapter_config_of
 
     pipe2 = load_pipeline("tiny", config2.adapter, device="cpu", adapter_config=adapter_config_of(config2))
     stage2 = run_training(config2, pipe=pipe2)
@@ -143,7 +143,7 @@ def _cancel_after(steps):
 
 
 def _fixed_loss(pipe, dataset_examples):
-    from instruct_core.training import DiffusionLoss, example_to_tensors
+    from instruct_core.train.trainer import DiffusionLoss, example_to_tensors
 
     loss_module = DiffusionLoss(pipe).eval()
     tensors = [example_to_tensors(e, 32) for e in dataset_examples]
@@ -163,8 +163,8 @@ def _fixed_loss(pipe, dataset_examples):
 
 
 def test_training_lowers_the_loss_and_changes_the_output(dataset, tmp_path):
-    from instruct_core.tasks import TaskMixture, parse_mix
-    from instruct_core.data import read_dataset
+    from instruct_core.train.instruction_tasks import TaskMixture, parse_mix
+    from instruct_core.train.data import read_dataset
 
     items = read_dataset(dataset)
     mixture = TaskMixture(parse_mix("edge_to_image=0.5,inpainting=0.5"), items, seed=1, phrasings="train")
@@ -209,7 +209,7 @@ def test_training_options(dataset, tmp_path, train):
 
 
 def test_lr_factor_warms_up_then_decays_to_zero_after_the_last_step():
-    from instruct_core.training import lr_factor
+    from instruct_core.train.trainer import lr_factor
 
     assert [lr_factor(2, 6, "constant", s) for s in range(6)] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
     assert [lr_factor(2, 6, "linear", s) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
@@ -220,8 +220,8 @@ def test_lr_factor_warms_up_then_decays_to_zero_after_the_last_step():
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_a_decaying_schedule_sets_each_steps_rate_and_survives_a_resume(dataset, tmp_path, schedule):
-    from instruct_core.stages import build_stage2_data
-    from instruct_core.training import Trainer, lr_factor
+    from instruct_core.train.stages import build_stage2_data
+    from instruct_core.train.trainer import Trainer, lr_factor
 
     config = _config(tmp_path, 2, dataset, steps=4, lr=1e-3, lr_schedule=schedule)
     rates = []
@@ -242,7 +242,7 @@ def test_a_decaying_schedule_sets_each_steps_rate_and_survives_a_resume(dataset,
 
 
 def test_a_decaying_schedule_is_not_resumed_over_another_length(dataset, tmp_path):
-    from instruct_core.training import TrainingError
+    from instruct_core.train.trainer import TrainingError
 
     config = _config(tmp_path, 2, dataset, steps=2, lr_schedule="linear")
     run_training(config, pipe=_fresh_pipe())
@@ -368,9 +368,9 @@ def test_two_processes_train_with_data_parallel(dataset, tmp_path):
 
 
 def test_held_out_loss_is_repeatable_and_sees_the_weights(dataset, tmp_path):
-    from instruct_core.data import read_dataset
-    from instruct_core.tasks import TaskMixture, parse_mix
-    from instruct_core.training import Trainer
+    from instruct_core.train.data import read_dataset
+    from instruct_core.train.instruction_tasks import TaskMixture, parse_mix
+    from instruct_core.train.trainer import Trainer
 
     mixture = TaskMixture(parse_mix("edge_to_image=1"), read_dataset(dataset), seed=1, phrasings="train")
     examples = [mixture[i] for i in range(6)]
@@ -389,7 +389,7 @@ def test_held_out_loss_is_repeatable_and_sees_the_weights(dataset, tmp_path):
 def test_the_text_encoder_trains_on_request_and_resumes(dataset, tmp_path):
     from safetensors.torch import load_file
 
-    from instruct_core.training import TrainingError
+    from instruct_core.train.trainer import TrainingError
 
     def encoder_weights(pipe):
         return {k: v.clone() for k, v in pipe.base.text_encoders[0].state_dict().items()}
@@ -458,7 +458,7 @@ def test_filler_words_come_before_the_text_at_their_rate():
 
 
 def test_step_batches_put_filler_words_before_the_benchmark_texts(tmp_path):
-    from instruct_core.bench_tasks import BenchmarkTaskDataset
+    from instruct_bench.tasks import BenchmarkTaskDataset
 
     dataset = BenchmarkTaskDataset({"subject": 0.5, "edge_to_image": 0.5}, length=50, seed=0, size=32)
     config = _config(tmp_path, 2, "benchmark", steps=2, batch_size=6, p_filler_words=1.0, max_filler_words=2)

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from .checkpointing import list_checkpoints, load_checkpoint, remove_partial_checkpoints, save_checkpoint
-from .context_attention import ContextState
+from ..context_attention import ContextState
 from .data import TrainingExample
-from .instruction import prepare_context_image, prepare_mask
-from .pipeline import InstructImagen, pil_to_tensor
-from .train_config import TrainConfig
+from ..instruction import prepare_context_image, prepare_mask
+from ..pipeline import InstructImagen, pil_to_tensor
+from .config import TrainConfig
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -289,7 +289,7 @@ class Trainer:
 
     def _text_encoders(self):
         """(name, encoder) pairs, named as in a diffusers folder."""
-        from .loading import TEXT_ENCODER_NAMES
+        from ..loading import TEXT_ENCODER_NAMES
 
         return list(zip(TEXT_ENCODER_NAMES, self.pipe.base.text_encoders))
 
@@ -508,7 +508,7 @@ class Trainer:
         return path
 
     def _export(self, path: Path):
-        from .adapter_io import save_adapter
+        from ..adapter_io import save_adapter
 
         backup = None
         if self.ema is not None:
@@ -535,7 +535,7 @@ class Trainer:
             return
         base = self.pipe.base
         if base.kind in ("sd1", "sd2", "sdxl"):
-            from .loading import export_single_file
+            from ..loading import export_single_file
 
             export_single_file(base, self.output_dir / "base_model.safetensors")
             return
@@ -553,8 +553,8 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self):
-        from .cli import save_images
-        from .instruction import load_instruction
+        from ..pipeline import save_images
+        from ..instruction import load_instruction
 
         if not self.accelerator.is_main_process:
             return

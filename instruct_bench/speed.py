@@ -1,4 +1,4 @@
-"""Performance benchmarks: `python -m instruct_core bench sample` and `bench train`.
+"""Performance benchmarks: `python -m instruct_bench speed sample` and `speed train`.
 
 Both run our path and a plain diffusers loop side by side in one process, on the same UNet weights, inputs
 and dtype, on random-weight UNets of the tiny, SD1.5 or SDXL shape (built from the shipped configs, nothing
@@ -24,14 +24,14 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from .context_attention import ContextState
-from .context_unet import ContextAugmentedUNet
-from .guidance import Conditioning, GuidanceConfig, GuidedDenoiser
-from .instruction import DEFAULT_MODALITIES
-from .loading import BaseModel, resolve_device, shipped_config_dir
-from .pipeline import InstructImagen
-from .samplers import prepare_noise, sample_euler
-from .schedules import get_sigmas
+from instruct_core.context_attention import ContextState
+from instruct_core.context_unet import ContextAugmentedUNet
+from instruct_core.guidance import Conditioning, GuidanceConfig, GuidedDenoiser
+from instruct_core.instruction import DEFAULT_MODALITIES
+from instruct_core.loading import BaseModel, resolve_device, shipped_config_dir
+from instruct_core.pipeline import InstructImagen
+from instruct_core.samplers import prepare_noise, sample_euler
+from instruct_core.schedules import get_sigmas
 
 SIZES = ("tiny", "sd15", "sdxl")
 DEFAULT_SAMPLE_STEPS = {"tiny": 8, "sd15": 10, "sdxl": 10}
@@ -168,7 +168,7 @@ def build_unet(size: str, seed: int = 0):
     """A random-weight UNet2DConditionModel of the named shape; SD1.5 and SDXL from the shipped configs."""
     from diffusers import UNet2DConditionModel
 
-    from .tiny import tiny_unet
+    from instruct_core.tiny import tiny_unet
 
     torch.manual_seed(seed)
     if size == "tiny":
@@ -181,7 +181,7 @@ def build_unet(size: str, seed: int = 0):
 
 
 def scheduler_config(size: str) -> dict:
-    from .tiny import TINY_SCHEDULER
+    from instruct_core.tiny import TINY_SCHEDULER
 
     if size == "tiny":
         return dict(TINY_SCHEDULER)
@@ -200,7 +200,7 @@ def pooled_text_dim(unet) -> int | None:
 
 def build_setup(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0,
                 max_contexts: int = 8) -> BenchSetup:
-    from .context_unet import ContextAdapterConfig
+    from instruct_core.context_unet import ContextAdapterConfig
 
     unet = build_unet(size, seed).eval()
     config = scheduler_config(size)
@@ -969,7 +969,7 @@ def train_cases(settings: TrainBenchSettings) -> list[tuple[str, str, int]]:
 
 def measure_train_case(setup: BenchSetup, path: str, mode: str, k: int, settings: TrainBenchSettings,
                        dtype: torch.dtype, steps: int, peak_flops: float) -> dict:
-    from .training import DiffusionLoss
+    from instruct_core.train.trainer import DiffusionLoss
 
     inputs = train_inputs(setup, settings.batch, k, settings.seed)
     setup.model.train()
@@ -1104,7 +1104,7 @@ def format_sample_report(report: dict) -> str:
     lines += ["", "Checks:", *[check_line(c) for c in report["checks"]]]
     if report.get("compile"):
         lines.append(f"compile: {report['compile']}")
-    lines += ["", "ComfyUI's KSampler vs InstructSampler: `python -m instruct_core bench comfyui` (a running server)"]
+    lines += ["", "ComfyUI's KSampler vs InstructSampler: `python -m instruct_bench speed comfyui` (a running server)"]
     for name, table in report.get("profiles", {}).items():
         lines += ["", f"Profile, {name} (a 2-step generation, context encoding included):", table]
     return "\n".join(lines)

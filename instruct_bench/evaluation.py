@@ -10,7 +10,7 @@ Models ("variants"), all starting from the default model's pretrained base:
     single:<task> stage 2 on one task only (a one-task mix)
 Where the recipe's stages train the base too, each variant carries its own base (`default_model.save_variant`)
 and text_only is the base as pretraining left it.
-Each example is generated once per variant with the same seed; scores come from `bench_metrics`. Intervals
+Each example is generated once per variant with the same seed; scores come from `metrics`. Intervals
 are 95% percentile bootstrap intervals of the mean over examples (1000 resamples, seeded).
 Given a cache folder, each variant's score on each task is kept there under a key of everything it depends on
 (the settings, the weights the variant loaded, the evaluator, this package's code), so an interrupted
@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .default_model import DEFAULT_DIR
-from .guidance import Conditioning, GuidanceConfig
+from instruct_core.guidance import Conditioning, GuidanceConfig
+from instruct_core.models import DEFAULT_TEXT_SCALE
+
+from .build_default import DEFAULT_DIR
 
 EVALUATOR_FILE = DEFAULT_DIR / "evaluator.safetensors"
 SINGLE_TASKS = ("edge_to_image", "subject")
@@ -41,7 +43,7 @@ class EvalSettings:
     steps: int = 12
     sampler: str = "dpmpp_2m"
     schedule: str = "karras_capped"
-    text_scale: float = 3.0
+    text_scale: float = DEFAULT_TEXT_SCALE
     context_scale: float = GuidanceConfig.context_scale
     batch_size: int = 32
     split: str = "test"  # "train" to choose settings without looking at the test split
@@ -49,8 +51,8 @@ class EvalSettings:
 
 def variant_pipe(variant: str, folder: Path = DEFAULT_DIR):
     """An InstructImagen for an evaluation variant of the default model in `folder`."""
-    from .context_unet import ContextAdapterConfig
-    from .default_model import ABLATIONS, is_variant_file, load_default, load_variant, pretrained_base_file
+    from instruct_core.context_unet import ContextAdapterConfig
+    from .build_default import ABLATIONS, is_variant_file, load_default, load_variant, pretrained_base_file
 
     if variant == "full":
         return load_default(device="cpu", folder=folder)
@@ -62,7 +64,7 @@ def variant_pipe(variant: str, folder: Path = DEFAULT_DIR):
         return load_default(device="cpu", adapter_config=ContextAdapterConfig.from_dict(config), folder=folder)
     path = folder / ABLATIONS / f"{variant.replace(':', '_')}.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"variant {variant}: {path} is missing; run `python -m instruct_core build-default "
+        raise FileNotFoundError(f"variant {variant}: {path} is missing; run `python -m instruct_bench build-default "
                                 f"--phases ablations` first")
     if is_variant_file(path):
         return load_variant(path, device="cpu", folder=folder)
@@ -70,17 +72,17 @@ def variant_pipe(variant: str, folder: Path = DEFAULT_DIR):
 
 
 def load_evaluator():
-    from .bench_metrics import Evaluator
+    from .metrics import Evaluator
 
     if not EVALUATOR_FILE.is_file():
-        raise FileNotFoundError(f"evaluator: {EVALUATOR_FILE} is missing; run `python -m instruct_core build-default`")
+        raise FileNotFoundError(f"evaluator: {EVALUATOR_FILE} is missing; run `python -m instruct_bench build-default`")
     return Evaluator.load(EVALUATOR_FILE)
 
 
 @torch.no_grad()
 def generate_for(pipe, examples, settings: EvalSettings) -> list:
     """One image per example, batched: the instructions are encoded one by one and sampled together."""
-    from .pipeline import tensor_to_pil
+    from instruct_core.pipeline import tensor_to_pil
 
     guidance = GuidanceConfig(settings.text_scale, settings.context_scale)
     images = []
@@ -110,8 +112,8 @@ def evaluate(variants: list[str], tasks: list[str], settings: EvalSettings, log=
     if given, collects the (variant, task) pairs read from the cache."""
     if jobs > 1 and len(variants) > 1:
         return _evaluate_in_processes(variants, tasks, settings, jobs, cache, reused)
-    from .bench_metrics import score_batch
-    from .bench_tasks import make_split
+    from .metrics import score_batch
+    from .tasks import make_split
 
     evaluator = load_evaluator()
     scorer = scorer_digest() if cache is not None else None
@@ -352,7 +354,7 @@ def write_results(results: dict, settings: EvalSettings, in_domain: list[str], z
         f"text and context guidance {settings.text_scale}/{settings.context_scale}; per-batch sampling seeds "
         f"{settings.seed} + offset).",
         "",
-        "Scores (see `instruct_core/bench_metrics.py`): SC is the task's semantic consistency in [0, 1] "
+        "Scores (see `instruct_bench/metrics.py`): SC is the task's semantic consistency in [0, 1] "
         "(text alignment, control fidelity, subject and style fidelity, hole agreement, as the task needs), "
         "PQ the evaluator's probability that the image is a clean render, and overall O = √(SC·PQ) as in "
         "Instruct-Imagen.",

@@ -32,8 +32,8 @@ from typing import Any
 
 from PIL import Image
 
-from .instruction import IMAGE_FORMATS, MAX_IMAGE_FILE_BYTES, MAX_IMAGE_PIXELS, MultiModalInstruction, to_rgb
-from .instruction import _is_inside, strict_realpath
+from ..instruction import IMAGE_FORMATS, MAX_IMAGE_FILE_BYTES, MAX_IMAGE_PIXELS, MultiModalInstruction, to_rgb
+from ..instruction import _is_inside, strict_realpath
 
 __all__ = [
     "IMAGE_EXTENSIONS",

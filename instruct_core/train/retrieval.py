@@ -27,10 +27,10 @@ import numpy as np
 from PIL import Image
 
 from .data import DataError, ImageTextItem, TrainingExample
-from .instruction import MARKER_PATTERN, Context, MultiModalInstruction, prepare_context_image
+from ..instruction import MARKER_PATTERN, Context, MultiModalInstruction, prepare_context_image
 
 if TYPE_CHECKING:
-    from .pipeline import InstructImagen
+    from ..pipeline import InstructImagen
 
 __all__ = [
     "CLUSTER_FORMAT_VERSION",
@@ -171,7 +171,7 @@ class ModelEmbedder:
     def _embed_batch(self, items, empty, empty_pooled) -> np.ndarray:
         import torch
 
-        from .pipeline import pil_to_tensor
+        from ..pipeline import pil_to_tensor
 
         pipe, n, size = self.pipe, len(items), self.size
         images = torch.stack([pil_to_tensor(prepare_context_image(item.load(), (size, size), self.resize_policy))

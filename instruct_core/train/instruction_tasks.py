@@ -46,9 +46,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import controls
+from .. import controls
 from .data import ImageTextItem, TrainingExample
-from .instruction import (
+from ..instruction import (
     DEFAULT_MODALITIES,
     IMAGE_FORMATS,
     Context,

@@ -50,8 +50,8 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from . import bench_scenes as scenes
-from .bench_scenes import Scene
+from . import scenes
+from .scenes import Scene
 
 __all__ = [
     "EVALUATOR_SIZE",

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .client import ClientError, ComfyClient, describe_failure
+from instruct_core.client import ClientError, ComfyClient, describe_failure
 
 PROMPT = "a red cube on a wooden table"
 INSTRUCT_SAMPLER = "InstructSampler"
@@ -48,7 +48,7 @@ def write_random_checkpoint(path: Path, kind: str = "sd15", seed: int = 0, confi
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from .loading import (TEXT_ENCODER_NAMES, TOKENIZER_NAMES, BaseModel, _components, _text_encoder_class,
+    from instruct_core.loading import (TEXT_ENCODER_NAMES, TOKENIZER_NAMES, BaseModel, _components, _text_encoder_class,
                           export_single_file, load_tokenizer, shipped_config_dir)
 
     family, shape = RANDOM_KINDS[kind]

@@ -911,7 +911,7 @@ def sample_hole(scene: Scene, rng: np.random.Generator, size: int = 32) -> Image
 
 def render_masked(scene: Scene, hole: Image.Image, size: int = 32) -> Image.Image:
     """The render with `hole` painted grey, as the inpainting task shows it (`controls.apply_mask`)."""
-    from .controls import apply_mask
+    from instruct_core.controls import apply_mask
 
     return apply_mask(render(scene, size), hole)
 

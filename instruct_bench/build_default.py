@@ -13,7 +13,7 @@ It is built in three phases, all with this package's own trainer:
 Stages 1 and 2 train the adapter and, as in Instruct-Imagen, the base UNet too (`train_base` per phase): a
 frozen base draws only what pretraining showed it, plain scenes here. The pretrained base is
 kept beside the model (`ablations/text_only.safetensors`, with the text encoder it was pretrained with) as the
-text-only baseline and the start of the ablations. `python -m instruct_core build-default` reruns it; the recipe
+text-only baseline and the start of the ablations. `python -m instruct_bench build-default` reruns it; the recipe
 and measured losses are stored beside the weights in `default_model/config.json`.
 """
 
@@ -26,8 +26,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-DEFAULT_DIR = Path(__file__).parent / "default_model"
-WEIGHTS = "model.safetensors"
+from instruct_core import models
+from instruct_core.models import load_default
+
+DEFAULT_DIR = models.DEFAULT_MODEL_DIR
+WEIGHTS = models.DEFAULT_WEIGHTS
 
 ARCHITECTURE = {
     "unet": {
@@ -107,20 +110,7 @@ VARIANT_FORMAT = "instruct-imagen-default-variant"
 
 def build_default_base(seed: int = 0, architecture: dict = ARCHITECTURE):
     """The default model's base, freshly initialised (seeded)."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .loading import BaseModel
-    from .tiny import tiny_tokenizer
-
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**architecture["text_encoder"])).eval()
-    unet = UNet2DConditionModel(**architecture["unet"]).eval()
-    scheduler = dict(architecture["scheduler"])
-    return BaseModel(unet=unet, vae=None, text_encoders=[text_encoder],
-                     tokenizers=[tiny_tokenizer(architecture["tokenizer_max_length"])], scheduler_config=scheduler,
-                     prediction_type=scheduler["prediction_type"], kind="custom", vae_scaling_factor=1.0,
-                     source="default")
+    return models.build_default_base(architecture, seed)
 
 
 def _fp16_weights(modules) -> dict:
@@ -164,35 +154,6 @@ def save_default(pipe, folder: Path = DEFAULT_DIR, info: dict | None = None) -> 
     (folder / "config.json.tmp").write_text(json.dumps(config, indent=2))
     (folder / "config.json.tmp").replace(folder / "config.json")
     return folder / WEIGHTS
-
-
-def load_default(adapter: str | None = None, device: str = "auto", dtype: str = "auto", adapter_config=None,
-                 folder: Path = DEFAULT_DIR):
-    """The bundled model as an InstructImagen; `adapter` replaces its own trained adapter."""
-    from .context_unet import ContextAdapterConfig, ContextAugmentedUNet
-    from .loading import resolve_device, resolve_dtype
-    from .pipeline import InstructImagen
-
-    config = json.loads((folder / "config.json").read_text())
-    base = build_default_base(architecture=config["architecture"])
-    tensors = load_file(str(folder / WEIGHTS))
-    part = lambda prefix: {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
-    base.unet.load_state_dict(part("unet."))
-    base.text_encoders[0].load_state_dict(part("text_encoder."), strict=False)
-    if adapter is not None:
-        pipe = InstructImagen.from_base(base, adapter=adapter)
-    else:
-        own = ContextAdapterConfig.from_dict(config["adapter_config"])
-        model = ContextAugmentedUNet(base.unet, adapter_config or own)
-        if adapter_config is None:
-            model.adapter.load_state_dict(part("adapter."))
-        pipe = InstructImagen(base, model)
-    pipe.timesteps = "fractional"  # what its published figures were measured with
-    target_device = resolve_device(device)
-    target_dtype = torch.float32 if dtype == "auto" and target_device.type == "cpu" else resolve_dtype(dtype, target_device)
-    pipe.model.to(device=target_device, dtype=target_dtype)
-    pipe.base.text_encoders[0].to(target_device)
-    return pipe
 
 
 def save_variant(pipe, path: Path, info: dict | None = None, with_adapter: bool = True) -> Path:
@@ -246,7 +207,7 @@ def load_variant(path: Path, device: str = "auto", dtype: str = "auto", folder: 
     the default model's)."""
     from safetensors import safe_open
 
-    from .context_unet import ContextAdapterConfig
+    from instruct_core.context_unet import ContextAdapterConfig
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
@@ -271,13 +232,13 @@ def load_variant(path: Path, device: str = "auto", dtype: str = "auto", folder: 
 
 def _lr_schedule(phase: dict) -> str:
     """A recipe phase's learning-rate schedule; phases that name none keep the trainer's default."""
-    from .train_config import OptimConfig
+    from instruct_core.train.config import OptimConfig
 
     return phase.get("lr_schedule", OptimConfig.lr_schedule)
 
 
 def _trainer_config(phase: dict, output_dir: Path, seed: int, train_base: str):
-    from .train_config import config_from_dict
+    from instruct_core.train.config import config_from_dict
 
     return config_from_dict({
         "stage": 2, "base_model": "default", "output_dir": str(output_dir),
@@ -296,12 +257,12 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
           phases: tuple[str, ...] | None = None, progress=None, log=print) -> dict:
     """Train the default model from scratch and save it; returns what was measured. `phases` (default: every
     training phase the recipe has) run in their fixed order; later phases continue from the saved model."""
-    from .bench_tasks import BenchmarkTaskDataset, stage1_items
-    from .checkpointing import list_checkpoints
-    from .context_unet import ContextAdapterConfig, ContextAugmentedUNet
-    from .pipeline import InstructImagen
-    from .retrieval import ModelEmbedder, RetrievalExamples, build_index, form_clusters
-    from .training import Trainer
+    from .tasks import BenchmarkTaskDataset, stage1_items
+    from instruct_core.train.checkpointing import list_checkpoints
+    from instruct_core.context_unet import ContextAdapterConfig, ContextAugmentedUNet
+    from instruct_core.pipeline import InstructImagen
+    from instruct_core.train.retrieval import ModelEmbedder, RetrievalExamples, build_index, form_clusters
+    from instruct_core.train.trainer import Trainer
 
     seed = recipe["seed"]
     phases = tuple(p for p in TRAINING_PHASES if p in (recipe if phases is None else phases))
@@ -373,7 +334,7 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
 
 def instruction_dataset(phase: str, settings: dict, seed: int):
     """A stage-2 phase's examples: its task mix (the benchmark's own by default); each phase draws its own."""
-    from .bench_tasks import BENCH_MIX, BenchmarkTaskDataset
+    from .tasks import BENCH_MIX, BenchmarkTaskDataset
 
     return BenchmarkTaskDataset(settings.get("mix", BENCH_MIX), length=100_000,
                                 seed=seed + 1 + STAGE2_PHASES.index(phase), size=ARCHITECTURE["unet"]["sample_size"])
@@ -437,8 +398,8 @@ def claim_work_dir(checkpoint_dir: Path, identity: dict, later_runs: list[Path] 
     finds there); record this run's identity for the next resume. `later_runs` are the run records of the
     phases after this one: when the saved model is this run's result carried on by finished runs of those,
     extending this run is still its own continuation (and those later runs become stale)."""
-    from .checkpointing import list_checkpoints
-    from .training import TrainingError
+    from instruct_core.train.checkpointing import list_checkpoints
+    from instruct_core.train.trainer import TrainingError
 
     record = checkpoint_dir.parent / RUN_RECORD
     if list_checkpoints(checkpoint_dir):
@@ -468,7 +429,7 @@ def probe_examples(dataset, size: int = PROBE_SIZE) -> list:
 
 def build_evaluator(folder: Path = DEFAULT_DIR, seed: int = 0, steps: int = 1200, log=print) -> dict:
     """Train the benchmark's evaluator (the measuring instrument) and store it beside the model."""
-    from .bench_metrics import evaluator_accuracy, train_evaluator
+    from .metrics import evaluator_accuracy, train_evaluator
 
     started = time.perf_counter()
     evaluator = train_evaluator(seed=seed, steps=steps)
@@ -491,10 +452,10 @@ def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subje
     `no_stage1` spends stage 1's steps on stage 2 and then runs the same later stage-2 phases (focus, cooldown,
     subjects) as the full model. A saved variant whose phases are the first of its runs continues from its
     file, as the full model's later phases continue from the saved model."""
-    from .context_unet import ContextAdapterConfig, ContextAugmentedUNet
-    from .adapter_io import save_adapter
-    from .pipeline import InstructImagen
-    from .training import Trainer
+    from instruct_core.context_unet import ContextAdapterConfig, ContextAugmentedUNet
+    from instruct_core.adapter_io import save_adapter
+    from instruct_core.pipeline import InstructImagen
+    from instruct_core.train.trainer import Trainer
 
     config = json.loads((folder / "config.json").read_text())
     measured = {}

@@ -2,7 +2,7 @@
 
 Every example is a `BenchExample`: a multi-modal instruction (contexts as the product makes them:
 `Context(id, modality, "[ref#k] ...", image)`), the target image, and the `Scene` it was rendered
-from, which the metrics (`bench_metrics`) read their ground truth from.
+from, which the metrics (`metrics`) read their ground truth from.
 
 Tasks (`BENCH_TASKS`):
 
@@ -41,10 +41,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from . import bench_scenes as scenes
-from .bench_scenes import Scene
-from .data import ImageTextItem, TrainingExample
-from .instruction import DEFAULT_MODALITIES, Context, InstructionError, MultiModalInstruction
+from instruct_core.instruction import DEFAULT_MODALITIES, Context, InstructionError, MultiModalInstruction
+from instruct_core.train.data import ImageTextItem, TrainingExample
+
+from . import scenes
+from .scenes import Scene
 
 __all__ = [
     "BENCH_MIX",

@@ -10,12 +10,12 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from .context_unet import ContextAdapterConfig
+from ..context_unet import ContextAdapterConfig
 from .data import DataReport, read_dataset
-from .instruction import DEFAULT_MODALITIES
-from .pipeline import InstructImagen
-from .train_config import ConfigError, TrainConfig
-from .training import Trainer, TrainResult
+from ..instruction import DEFAULT_MODALITIES
+from ..pipeline import InstructImagen
+from .config import ConfigError, TrainConfig
+from .trainer import Trainer, TrainResult
 
 
 def adapter_config_of(config: TrainConfig) -> ContextAdapterConfig:
@@ -50,7 +50,7 @@ def build_stage1_data(config: TrainConfig, pipe: InstructImagen, report: dict):
 
 
 def build_stage2_data(config: TrainConfig, report: dict):
-    from .tasks import InstructionJsonlDataset, TaskMixture, parse_mix
+    from .instruction_tasks import InstructionJsonlDataset, TaskMixture, parse_mix
 
     if config.data.instructions:
         dataset = InstructionJsonlDataset(config.data.instructions)
@@ -75,7 +75,7 @@ def run_training(config: TrainConfig, *, pipe: InstructImagen | None = None,
                  cancel: Callable[[], bool] | None = None, resume: bool = False,
                  device: str = "auto") -> TrainResult:
     """Train one stage as configured; the Python entry point behind the CLI and the FineTuneStage node."""
-    from .models import load_pipeline
+    from ..models import load_pipeline
 
     if pipe is None:
         pipe = load_pipeline(config.base_model, config.adapter, device=device, dtype="fp32",

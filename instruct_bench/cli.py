@@ -1,0 +1,312 @@
+"""The harness's command line: `python -m instruct_bench build-default | eval | demo | demo-examples | speed ...`.
+
+What reproduces the published figures: the bundled model's build, the benchmark evaluation behind docs/RESULTS.md,
+the demo with the benchmark's ground truth, and the speed measurements behind docs/BENCHMARKS.md. Bad input ends
+with exit code 2 and one line, as in `python -m instruct_core`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from instruct_core.cli import (UsageError, add_model_arguments, check_at_least, check_guidance_scales, check_seed,
+                               chosen_names, run_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from instruct_core.guidance import GuidanceConfig
+    from instruct_core.models import DEFAULT_TEXT_SCALE
+
+    parser = argparse.ArgumentParser(prog="python -m instruct_bench", description="The Instruct-Imagen harness: "
+                                     "builds the bundled model, evaluates it on the procedural benchmark and "
+                                     "measures speed.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build-default", help="train the bundled default model from scratch")
+    build.add_argument("--out", default=None, help="folder for the model (default: the package's default_model/)")
+    build.add_argument("--work-dir", default="runs/default_model", help="checkpoints and logs")
+    build.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps (e.g. 0.01 to try)")
+    build.add_argument("--phases", default=None,
+                       help="comma-separated phases (default: every training phase of the recipe, from pretrain "
+                            "to the last stage-2 phase, then evaluator); also ablations. Training phases run in "
+                            "their order")
+
+    evaluate = commands.add_parser("eval", help="score models on the procedural benchmark; writes RESULTS.md, "
+                                                "results.json and plots into --out")
+    evaluate.add_argument("--variants", default="full,text_only,no_stage1,single:edge_to_image,single:subject")
+    evaluate.add_argument("--tasks", default="all", help="comma-separated task names, or all")
+    # None: EvalSettings' defaults, the settings docs/RESULTS.md was measured with
+    evaluate.add_argument("--examples", type=int, default=None,
+                          help="test examples per task (default: as in RESULTS.md)")
+    evaluate.add_argument("--steps", type=int, default=None, help="sampling steps (default: as in RESULTS.md)")
+    evaluate.add_argument("--seed", type=int, default=1234)
+    evaluate.add_argument("--out", default="out/eval",
+                          help="output folder (docs to replace the published results)")
+    evaluate.add_argument("--quick", action="store_true", help="a reduced run (CI): 4 examples, 8 steps")
+    evaluate.add_argument("--cfg-text", type=float, default=DEFAULT_TEXT_SCALE, help="text guidance scale s_t")
+    evaluate.add_argument("--cfg-context", type=float, default=GuidanceConfig.context_scale,
+                          help=f"context guidance scale s_c ({GuidanceConfig.context_scale}: chosen on the training "
+                               "split, see RESULTS.md)")
+    evaluate.add_argument("--split", default="test", choices=("test", "train"),
+                          help="train: tune settings on training examples, never on the test split")
+    evaluate.add_argument("--jobs", type=int, default=1,
+                          help="score the variants in this many processes, one thread each (same numbers)")
+    evaluate.add_argument("--cache", default="runs/eval_cache",
+                          help="folder keeping each score under a key of what it depends on (settings, weights, "
+                               "evaluator, code): a rerun reuses them, so an interrupted eval goes on; '' for none")
+
+    demo = commands.add_parser("demo", help="one image per benchmark task, beside its instruction, contexts and "
+                                            "ground truth, and a contact sheet")
+    demo.add_argument("--out", required=True, help="output folder")
+    add_model_arguments(demo)
+    demo.add_argument("--tasks", default="all", help="comma-separated task names, or all")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--steps", type=int, default=12)
+    examples = commands.add_parser("demo-examples", help="write the benchmark's demo instructions into the package "
+                                                         "(what `python -m instruct_core demo` runs)")
+    examples.add_argument("--seed", type=int, default=0)
+
+    speed = commands.add_parser("speed", help="speed and memory against plain diffusers loops (docs/BENCHMARKS.md)")
+    kinds = speed.add_subparsers(dest="speed_kind", required=True)
+    add_speed_parsers(kinds)
+    return parser
+
+
+def add_speed_parsers(kinds) -> None:
+    sample = kinds.add_parser("sample", help="per-step sampling cost of K contexts, vs raw diffusers")
+    add_speed_arguments(sample)
+    sample.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    sample.add_argument("--contexts", default="0,1,2,4", help="comma-separated context counts K")
+    sample.add_argument("--steps", type=int, default=None, help="default: 8 for tiny, 10 otherwise")
+    sample.add_argument("--warmup", type=int, default=1, help="untimed generations per configuration")
+    sample.add_argument("--repeats", type=int, default=2, help="timed generations per configuration")
+    sample.add_argument("--compile", action="store_true", help="also time a torch.compile'd UNet (CUDA)")
+    sample.add_argument("--profile", action="store_true", help="print torch.profiler top operators")
+    train = kinds.add_parser("train", help="training images/s and MFU, vs a diffusers-style loop")
+    add_speed_arguments(train)
+    train.add_argument("--batch", type=int, default=4)
+    train.add_argument("--steps", type=int, default=None, help="timed steps; default: 8 for tiny, 6 otherwise")
+    train.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    train.add_argument("--modes", default="adapter,full", help="comma-separated: adapter, full")
+    train.add_argument("--contexts", type=int, default=1, help="contexts K per image")
+    comfy = kinds.add_parser("comfyui", help="InstructSampler with no contexts vs ComfyUI's KSampler, "
+                             "same checkpoint, on a running ComfyUI")
+    comfy.add_argument("--server", required=True, help="the ComfyUI address, e.g. http://127.0.0.1:8188")
+    comfy.add_argument("--checkpoint", required=True, help="a checkpoint in the server's models/checkpoints")
+    comfy.add_argument("--write-random-checkpoint", default=None, metavar="FOLDER",
+                       help="first write a checkpoint with random weights, named --checkpoint, into FOLDER "
+                            "(the server's models/checkpoints)")
+    comfy.add_argument("--random-kind", default="sd15", choices=("sd15", "sdxl"), help="the shape of that checkpoint")
+    comfy.add_argument("--size", type=int, default=512, help="image width and height in pixels")
+    comfy.add_argument("--batch", type=int, default=1)
+    comfy.add_argument("--steps", type=int, default=20)
+    comfy.add_argument("--repeats", type=int, default=3, help="timed runs of each sampler")
+    comfy.add_argument("--cfg", type=float, default=5.0)
+    comfy.add_argument("--json", default=None, help="also write the full report to this JSON file")
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    # Sizes spelled out here: importing the speed module (diffusers) would slow every command's start.
+    parser.add_argument("--size", default="tiny", choices=("tiny", "sd15", "sdxl"),
+                        help="UNet shape (random weights)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                        help="auto: bf16 on cuda, fp32 on the cpu")
+    parser.add_argument("--json", default=None, help="also write the full report to this JSON file")
+
+
+def this_command() -> str:
+    """The command line as typed, for the reports that say how to reproduce them."""
+    return "python -m instruct_bench " + " ".join(sys.argv[1:])
+
+
+def benchmark_tasks(text: str) -> list[str]:
+    from .tasks import IN_DOMAIN_TASKS, ZERO_SHOT_TASKS
+
+    return chosen_names("--tasks", text, list(IN_DOMAIN_TASKS + ZERO_SHOT_TASKS))
+
+
+def run_build_default(args) -> int:
+    import copy
+
+    from .build_default import DEFAULT_DIR, RECIPE, TRAINING_PHASES, build
+
+    if args.scale <= 0:
+        raise UsageError(f"--scale: {args.scale} must be positive")
+    recipe = copy.deepcopy(RECIPE)
+    for phase in (p for p in TRAINING_PHASES if p in recipe):
+        recipe[phase]["steps"] = max(1, round(recipe[phase]["steps"] * args.scale))
+    recipe["single_task_steps"] = max(1, round(recipe["single_task_steps"] * args.scale))
+    from .build_default import build_ablations, build_evaluator
+
+    folder = Path(args.out) if args.out else DEFAULT_DIR
+    known = (*TRAINING_PHASES, "evaluator", "ablations")
+    if args.phases:
+        phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    else:
+        phases = [*TRAINING_PHASES, "evaluator"]
+    unknown = sorted(set(phases) - set(known))
+    if unknown:
+        raise UsageError(f"--phases: unknown phase {unknown[0]!r} (known: {', '.join(known)})")
+    log = lambda line: print(line, flush=True)
+    training = tuple(p for p in TRAINING_PHASES if p in phases)
+    if training:
+        build(folder, Path(args.work_dir), recipe, phases=training, log=log)
+    if "evaluator" in phases:
+        build_evaluator(folder, log=log)
+    if "ablations" in phases:
+        build_ablations(folder=folder, work_dir=Path(args.work_dir), recipe=recipe, log=log)
+    return 0
+
+
+def run_eval(args) -> int:
+    import time
+
+    from .tasks import IN_DOMAIN_TASKS, ZERO_SHOT_TASKS
+    from .evaluation import EvalSettings, evaluate, write_results
+
+    check_guidance_scales(args)
+    chosen = {"examples_per_task": 4 if args.quick else args.examples, "steps": 8 if args.quick else args.steps}
+    settings = EvalSettings(seed=args.seed, text_scale=args.cfg_text, context_scale=args.cfg_context, split=args.split,
+                            **{name: value for name, value in chosen.items() if value is not None})
+    tasks = benchmark_tasks(args.tasks)
+    variants = [v for v in args.variants.split(",") if v]
+    started = time.perf_counter()
+    if args.jobs < 1:
+        raise UsageError(f"--jobs: {args.jobs} must be at least 1")
+    cache = Path(args.cache) if args.cache else None
+    reused: list = []
+    results = evaluate(variants, tasks, settings, log=lambda line: print(line, flush=True), jobs=args.jobs,
+                       cache=cache, reused=reused)
+    path = write_results(results, settings, [t for t in tasks if t in IN_DOMAIN_TASKS],
+                         [t for t in tasks if t in ZERO_SHOT_TASKS], results_file(args.out), this_command(),
+                         time.perf_counter() - started, reused=len(reused))
+    print(path)
+    return 0
+
+
+def int_list(flag: str, text: str, minimum: int) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"{flag}: {text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < minimum:
+        raise UsageError(f"{flag}: {text!r} needs integers of at least {minimum}")
+    return tuple(dict.fromkeys(values))
+
+
+def run_speed(args) -> int:
+    from . import speed
+
+    if args.speed_kind == "comfyui":
+        return run_speed_comfyui(args)
+    check_at_least("--steps", args.steps, 1)
+    check_at_least("--warmup", args.warmup, 0)
+    common = dict(size=args.size, device=args.device, dtype=args.dtype, steps=args.steps, warmup=args.warmup,
+                  command=this_command())
+    log = lambda line: print(line, file=sys.stderr, flush=True)
+    try:
+        if args.speed_kind == "sample":
+            check_at_least("--repeats", args.repeats, 1)
+            settings = speed.SampleBenchSettings(
+                batches=int_list("--batch", args.batch, 1), contexts=int_list("--contexts", args.contexts, 0),
+                repeats=args.repeats, compile=args.compile, profile=args.profile, **common)
+            report = speed.bench_sample(settings, log)
+            text = speed.format_sample_report(report)
+        else:
+            check_at_least("--batch", args.batch, 1)
+            check_at_least("--contexts", args.contexts, 0)
+            modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+            if not modes or set(modes) - set(speed.TRAIN_MODES):
+                raise UsageError(f"--modes: {args.modes!r} must list adapter and/or full")
+            settings = speed.TrainBenchSettings(batch=args.batch, modes=modes, contexts=args.contexts, **common)
+            report = speed.bench_train(settings, log)
+            text = speed.format_train_report(report)
+    except speed.BenchmarkError as error:
+        raise UsageError(str(error)) from None
+    print(text)
+    if args.json:
+        print(speed.write_json(report, args.json))
+    return 0
+
+
+def run_speed_comfyui(args) -> int:
+    from . import speed_comfyui
+    from instruct_bench.speed import write_json
+    from instruct_core.client import ClientError, ComfyClient
+
+    for flag, value, least in (("--steps", args.steps, 2), ("--repeats", args.repeats, 1), ("--batch", args.batch, 1),
+                               ("--size", args.size, 64)):
+        check_at_least(flag, value, least)
+    if args.size % 64:  # SD1.5 and SDXL UNets halve the latent three times
+        raise UsageError(f"--size: {args.size} must be a multiple of 64")
+    if not (math.isfinite(args.cfg) and 0 <= args.cfg <= 30):  # InstructSampler's cfg_text range
+        raise UsageError(f"--cfg: {args.cfg} must be a number from 0 to 30")
+    name = Path(args.checkpoint)
+    if name.is_absolute() or ".." in name.parts or not name.name:
+        raise UsageError(f"--checkpoint: {args.checkpoint!r} must be a name the server lists, inside its "
+                         f"checkpoints folder")
+    log = lambda line: print(line, file=sys.stderr, flush=True)
+    settings = speed_comfyui.ComfyBenchSettings(
+        server=args.server, checkpoint=args.checkpoint, size=args.size, batch=args.batch, steps=args.steps,
+        repeats=args.repeats, cfg=args.cfg, command=this_command())
+    try:
+        if args.write_random_checkpoint:
+            path = Path(args.write_random_checkpoint) / name
+            if path.exists():
+                raise UsageError(f"--write-random-checkpoint: {path} exists; choose a new --checkpoint name")
+            speed_comfyui.server_stats(ComfyClient(args.server))  # reachable, before minutes of writing
+            log(f"writing a random {speed_comfyui.RANDOM_KINDS[args.random_kind][1]}-shaped checkpoint to {path}")
+            speed_comfyui.write_random_checkpoint(path, args.random_kind)
+        report = speed_comfyui.bench_comfyui(settings, log)
+    except ClientError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.code
+    print(speed_comfyui.format_comfyui_report(report))
+    if args.json:
+        print(write_json(report, args.json))
+    return 0
+
+
+def results_file(out: str) -> Path:
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / "RESULTS.md"
+
+
+def run_demo(args) -> int:
+    from instruct_core.demo import run_demo as write_demo
+    from instruct_core.models import load_pipeline
+
+    from .demo import benchmark_examples
+
+    tasks = benchmark_tasks(args.tasks)
+    check_at_least("--steps", args.steps, 1)
+    check_seed(args.seed)
+    pipe = load_pipeline(args.model, args.adapter, args.device, args.dtype)
+    examples = benchmark_examples(tasks, args.seed, pipe.native_size)
+    print(write_demo(pipe, Path(args.out), examples, seed=args.seed, steps=args.steps,
+                     log=lambda line: print(line, flush=True)))
+    return 0
+
+
+def run_demo_examples(args) -> int:
+    from instruct_core.models import load_pipeline
+
+    from .demo import write_shipped_examples
+
+    check_seed(args.seed)
+    size = load_pipeline("default", device="cpu").native_size
+    for path in write_shipped_examples(benchmark_tasks("all"), args.seed, size):
+        print(path)
+    return 0
+
+
+COMMANDS = {"build-default": run_build_default, "eval": run_eval, "demo": run_demo, "demo-examples": run_demo_examples,
+            "speed": run_speed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), COMMANDS, argv)
