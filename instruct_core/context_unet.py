@@ -23,7 +23,7 @@ from torch import nn
 
 from .context_attention import (ContextAttention, ContextAttnProcessor, ContextCall, ContextState,
                                 PassThroughProcessor)
-from .instruction import DEFAULT_MODALITIES
+from .instruction import DEFAULT_MAX_CONTEXTS, DEFAULT_MODALITIES
 
 # UNet config keys that decide whether an adapter's layers fit a base.
 FINGERPRINT_KEYS = (
@@ -53,7 +53,7 @@ class ContextAdapterConfig:
 
     levels: tuple[int, ...] | None = None
     modalities: tuple[str, ...] = DEFAULT_MODALITIES
-    max_contexts: int = 8
+    max_contexts: int = DEFAULT_MAX_CONTEXTS
     num_freqs: int = 8
     encode_timestep: int = 0
     # Width of each context-attention head; None takes the heads of the base layer it sits beside. A base

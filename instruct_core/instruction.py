@@ -60,7 +60,7 @@ __all__ = [
 
 DEFAULT_MODALITIES = ("image", "subject", "style", "edge", "depth", "mask", "sketch")
 FORMAT_VERSION = 1
-DEFAULT_MAX_CONTEXTS = 8
+DEFAULT_MAX_CONTEXTS = 16
 MAX_CONTEXT_ID = 2**31 - 1
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_DOCUMENT_BYTES = 64 * 2**20

@@ -121,7 +121,9 @@ def test_pack_loads_and_its_nodes_are_served(server):
     info = server.get("/object_info")
     assert NODE_IDS <= set(info)
     assert {info[n]["category"] for n in NODE_IDS} == {"Instruct-Imagen"}
-    assert info["InstructionBuilder"]["input"]["required"]["contexts"][0] == "COMFY_AUTOGROW_V3"
+    contexts = info["InstructionBuilder"]["input"]["required"]["contexts"]
+    assert contexts[0] == "COMFY_AUTOGROW_V3"
+    assert contexts[1]["template"]["names"] == [f"ref_{n}" for n in range(1, 17)]
     assert info["InstructSampler"]["output"] == ["LATENT", "IMAGE"]
     adapters = info["InstructImagenLoader"]["input"]["required"]["adapter"][1]["options"]
     assert "from_extra_paths.safetensors" in adapters  # the folder is registered for extra_model_paths.yaml

@@ -411,9 +411,9 @@ def test_more_contexts_than_the_maximum_are_refused(folder):
     with pytest.raises(InstructionError, match=r"^contexts: 2 contexts, more than the maximum of 1"):
         load_instruction(valid_document(), base_dir=folder, max_contexts=1)
     document = valid_document()
-    document["contexts"] = [dict(document["contexts"][1], id=n, text="") for n in range(1, 10)]
-    document["text"] = " ".join(f"[ref#{n}]" for n in range(1, 10))
-    with pytest.raises(InstructionError, match=r"^contexts: 9 contexts, more than the maximum of 8"):
+    document["contexts"] = [dict(document["contexts"][1], id=n, text="") for n in range(1, 18)]
+    document["text"] = " ".join(f"[ref#{n}]" for n in range(1, 18))
+    with pytest.raises(InstructionError, match=r"^contexts: 17 contexts, more than the maximum of 16"):
         load_instruction(document, base_dir=folder)
 
 

@@ -115,7 +115,7 @@ def test_builder_reports_dangling_references_before_execution():
     assert "[ref#2] has no context" in message and "ref_2" in message
     assert "malformed marker" in validate("an image of [ref #1]", "", contexts={"ref_1": None})
     assert "negative" in validate("a cat", "no [ref#1]", contexts={"ref_1": None})
-    assert "only 8 slots" in validate("[ref#9]", "")
+    assert "only 16 slots" in validate("[ref#17]", "")
     # The same names as flat inputs (ComfyUI without Autogrow).
     assert validate("[ref#1]", "", **{"contexts.ref_1": None}) is True
 
@@ -125,6 +125,15 @@ def test_builder_gives_each_context_its_slot_id():
                         ref_2=context(text="[ref#2] a toy"))
     assert [(c.id, c.modality) for c in instruction.contexts] == [(1, "style"), (2, "subject")]
     assert instruction.contexts[0].marker_text == "[ref#1] stripes"
+
+
+def test_builder_takes_sixteen_contexts_in_a_growing_list_of_slots():
+    template = next(i for i in N["InstructionBuilder"].GET_SCHEMA().inputs if i.id == "contexts").template
+    assert template.names == [f"ref_{n}" for n in range(1, 17)] and template.min == 1
+    slots = {f"ref_{n}": context(text=f"toy number {n}") for n in range(1, 17)}
+    instruction = build(" and ".join(f"[ref#{n}]" for n in range(16, 0, -1)), **slots)
+    assert [c.id for c in instruction.contexts] == list(range(1, 17))
+    assert instruction.contexts[15].marker_text == "[ref#16] toy number 16"
 
 
 def test_builder_refuses_a_context_naming_another_slot():
