@@ -9,7 +9,15 @@ import torch
 
 from instruct_bench.cli import build_parser, main
 from instruct_bench.build_default import DEFAULT_DIR, FOCUS_MIX, TRAINING_PHASES, WEIGHTS, load_default
-from instruct_bench.evaluation import EVALUATOR_FILE, EvalSettings, bootstrap_interval, compare, evaluate, summary_table
+from instruct_bench.evaluation import (
+    EVALUATOR_FILE,
+    EvalSettings,
+    bootstrap_interval,
+    compare,
+    evaluate,
+    source_commit,
+    summary_table,
+)
 from instruct_core.models import default_model_available, load_pipeline
 
 pytestmark = pytest.mark.skipif(not default_model_available(), reason="no default model bundled")
@@ -64,6 +72,7 @@ def test_reduced_eval_writes_the_results_tables(tmp_path, capsys):
     text = out.read_text()
     assert "| edge_to_image |" in text and "| control_subject |" in text and "zero-shot" in text
     assert "| task | full − text_only |" in text  # the summary against the baseline
+    assert f"| commit | {source_commit()} |" in text and "| command | `" in text
     data = json.loads((tmp_path / "results.json").read_text())
     assert (data["settings"]["text_scale"], data["settings"]["context_scale"]) == (3.0, 3.0)
     for variant in ("full", "text_only"):
@@ -82,6 +91,19 @@ def test_reduced_eval_writes_the_results_tables(tmp_path, capsys):
                  "--out", str(out.parent), "--jobs", "2", "--cfg-context", "3.0", "--cache", str(tmp_path / "cache")]) == 0
     assert "with 4 of 4 scores read from the cache" in out.read_text()
     assert json.loads((tmp_path / "results.json").read_text())["results"] == data["results"]
+
+
+def test_a_results_page_names_the_commit_it_was_made_with():
+    import shutil
+    import subprocess
+
+    root = Path(__file__).parent.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        assert source_commit() == "unknown (not a git checkout)"
+        return
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert source_commit().startswith(f"`{head}`")
 
 
 def test_eval_defaults_are_the_settings_the_published_tables_used():
