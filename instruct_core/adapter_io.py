@@ -10,7 +10,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .context_unet import ContextAdapter, ContextAdapterConfig, ContextAugmentedUNet, base_fingerprint, fingerprint_digest
+from .context_unet import (BaseLayout, ContextAdapter, ContextAdapterConfig, ContextAugmentedUNet, base_fingerprint,
+                           fingerprint_digest)
 
 ADAPTER_FORMAT = "instruct-imagen-adapter"
 ADAPTER_FORMAT_VERSION = 1
@@ -102,16 +103,19 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict:
     return metadata
 
 
+def _recorded_facts(metadata: dict) -> dict:
+    try:
+        recorded = json.loads(metadata.get("base_architecture", "{}"))
+    except json.JSONDecodeError:
+        recorded = {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
 def _check_base(path: Path, metadata: dict, unet) -> None:
     facts = base_fingerprint(unet)
     if metadata.get("base_fingerprint") == fingerprint_digest(facts):
         return
-    try:
-        expected = json.loads(metadata.get("base_architecture", "{}"))
-    except json.JSONDecodeError:
-        expected = {}
-    if not isinstance(expected, dict):
-        expected = {}
+    expected = _recorded_facts(metadata)
     differing = [f"{k}: adapter {expected.get(k)!r} vs base {facts.get(k)!r}"
                  for k in facts if expected.get(k) != facts.get(k)]
     detail = "; ".join(differing) or "fingerprint differs"
@@ -123,9 +127,35 @@ def load_adapter(path: str | os.PathLike, unet, *, device=None, dtype=None) -> C
     path = Path(path)
     metadata = read_adapter_metadata(path)
     _check_base(path, metadata, unet)
+    adapter, lora = _read_adapter(path, metadata, unet)
+    if lora:  # last: the base UNet is changed only once everything else in the file has passed
+        _apply_base_lora(path, metadata, unet, lora)
+    model = ContextAugmentedUNet(unet, adapter=adapter)
+    return model.to(device=device or unet.device, dtype=dtype or unet.dtype)
+
+
+def load_adapter_layers(path: str | os.PathLike, layout: BaseLayout, facts: dict) -> ContextAdapter:
+    """Load an adapter's own layers for a base given by its layout (a host's UNet, see ldm_unet.py) and the
+    base facts the host knows (a subset of FINGERPRINT_KEYS). An adapter that also changes the base's
+    weights (trained with train_base=lora) is refused: those weights belong to the host's model."""
+    path = Path(path)
+    metadata = read_adapter_metadata(path)
+    expected = _recorded_facts(metadata)
+    differing = [f"{k}: adapter {expected.get(k)!r} vs base {v!r}" for k, v in facts.items() if expected.get(k) != v]
+    if differing:
+        raise AdapterError(f"adapter: {path.name} was trained for another base UNet ({'; '.join(differing)})")
+    if "base_lora" in metadata:
+        raise AdapterError(f"adapter: {path.name} also carries LoRA weights for the base UNet; load it with "
+                           f"InstructImagenLoader, or train it without train_base=lora")
+    adapter, _ = _read_adapter(path, metadata, layout)
+    return adapter
+
+
+def _read_adapter(path: Path, metadata: dict, base) -> tuple[ContextAdapter, dict]:
+    """The adapter's layers with the file's weights (checked), and the file's base LoRA tensors, if any."""
     config = _adapter_config(path, metadata)
     try:
-        adapter = ContextAdapter(unet, config)
+        adapter = ContextAdapter(base, config)
     except ValueError as error:  # levels the base has no cross-attention at
         raise AdapterError(f"adapter: {path.name}: {error}") from None
     try:
@@ -146,11 +176,8 @@ def load_adapter(path: str | os.PathLike, unet, *, device=None, dtype=None) -> C
             raise AdapterError(f"adapter: {path.name}: tensor {key} has shape {tuple(tensor.shape)}, "
                                f"expected {tuple(expected[key].shape)}")
         _check_values(path, key, tensor)
-    if lora:  # last: the base UNet is changed only once everything else in the file has passed
-        _apply_base_lora(path, metadata, unet, lora)
     adapter.load_state_dict(tensors)
-    model = ContextAugmentedUNet(unet, adapter=adapter)
-    return model.to(device=device or unet.device, dtype=dtype or unet.dtype)
+    return adapter, lora
 
 
 def _adapter_config(path: Path, metadata: dict) -> ContextAdapterConfig:

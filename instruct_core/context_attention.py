@@ -274,33 +274,55 @@ class ContextAttnProcessor:
                  context: ContextCall | None = None, *args, **kwargs):
         out = self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         state = None if context is None else context.state
-        if state is None or state.max_contexts == 0 or hidden_states.dim() != 3:
+        if state is None or hidden_states.dim() != 3:
             return out
-        rows = state.active_rows()
-        if rows.numel() == 0:
+        added = context_attention(self.layer, state, self.level, self.name, hidden_states,
+                                  context.level_hw[self.level])
+        if added is None:
             return out
-        query_hw = context.level_hw[self.level]
-        if query_hw[0] * query_hw[1] != hidden_states.shape[1]:
-            raise RuntimeError(f"{self.name}: expected {query_hw} query tokens, got {hidden_states.shape[1]}")
-        keys, values = self._keys_values(state, rows)
-        mask = state.attend_mask(self.level, rows, query_hw)
-        # The adapter may be kept in fp32 (training) while the base runs in half precision.
-        layer_dtype = self.layer.to_out.weight.dtype
-        extra = self.layer(hidden_states[rows].to(layer_dtype), query_hw, keys.to(layer_dtype),
-                           values.to(layer_dtype), mask)
-        extra = extra.to(out.dtype) / attn.rescale_output_factor
-        if rows.numel() == out.shape[0]:
-            return out + extra
-        return out.index_add(0, rows, extra.to(out.dtype))
+        rows, extra = added
+        return add_to_rows(out, rows, extra.to(out.dtype) / attn.rescale_output_factor)
 
-    def _keys_values(self, state: ContextState, rows: torch.Tensor):
-        key = ("kv", self.name)
-        if key in state.cache:
-            return state.cache[key]
-        tokens, token_hw, scale, _ = state.tokens(self.level, rows)
-        keys_values = self.layer.context_keys_values(tokens.to(self.layer.to_out.weight.dtype), token_hw, scale)
-        # While training, a state serves one forward; caching there would also break gradient
-        # checkpointing, whose recomputation must redo the same work.
-        if not torch.is_grad_enabled():
-            state.cache[key] = keys_values
-        return keys_values
+
+def context_attention(layer: ContextAttention, state: ContextState, level: int, name: str,
+                      hidden_states: torch.Tensor, query_hw: tuple[int, int]):
+    """What one context-attention layer adds to its block's cross-attention output: (rows, extra), the rows
+    of `hidden_states` (the cross-attention's query input, one row per row of `state`) that have contexts and
+    their (rows, tokens, channels) addition; None when no row has any.
+
+    Both hosts call this: the diffusers processor above and the ComfyUI model patch (ldm_unet.py). Keys and
+    values are computed once per state and layer, and reused at every step.
+    """
+    if state.max_contexts == 0:
+        return None
+    rows = state.active_rows()
+    if rows.numel() == 0:
+        return None
+    if query_hw[0] * query_hw[1] != hidden_states.shape[1]:
+        raise RuntimeError(f"{name}: expected {query_hw} query tokens, got {hidden_states.shape[1]}")
+    keys, values = _keys_values(layer, state, level, name, rows)
+    mask = state.attend_mask(level, rows, query_hw)
+    # The adapter may be kept in fp32 (training) while the base runs in half precision.
+    layer_dtype = layer.to_out.weight.dtype
+    extra = layer(hidden_states[rows].to(layer_dtype), query_hw, keys.to(layer_dtype), values.to(layer_dtype), mask)
+    return rows, extra
+
+
+def add_to_rows(out: torch.Tensor, rows: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    """`out` with `extra` added to its `rows`."""
+    if rows.numel() == out.shape[0]:
+        return out + extra
+    return out.index_add(0, rows, extra.to(out.dtype))
+
+
+def _keys_values(layer: ContextAttention, state: ContextState, level: int, name: str, rows: torch.Tensor):
+    key = ("kv", name)
+    if key in state.cache:
+        return state.cache[key]
+    tokens, token_hw, scale, _ = state.tokens(level, rows)
+    keys_values = layer.context_keys_values(tokens.to(layer.to_out.weight.dtype), token_hw, scale)
+    # While training, a state serves one forward; caching there would also break gradient
+    # checkpointing, whose recomputation must redo the same work.
+    if not torch.is_grad_enabled():
+        state.cache[key] = keys_values
+    return keys_values

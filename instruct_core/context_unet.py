@@ -106,46 +106,87 @@ def level_channels(unet, level: int) -> int:
     return unet.config.block_out_channels[level]
 
 
-class ContextAdapter(nn.Module):
-    """Only the new parameters: modality embeddings and one ContextAttention per configured layer."""
+@dataclass
+class BaseLayer:
+    """One cross-attention layer of a base UNet, as the adapter needs to know it."""
 
-    def __init__(self, unet, config: ContextAdapterConfig):
+    level: int
+    query_dim: int
+    inner_dim: int
+    out_dim: int
+    heads: int
+    query_weight: torch.Tensor  # the base layer's to_q weight: the context layer's starting query projection
+
+
+@dataclass
+class BaseLayout:
+    """What an adapter is built against: the base's cross-attention layers by adapter key (the diffusers
+    processor name with dots as underscores, whatever the host's own module names), the feature channels of
+    each resolution level and the width of the time embedding."""
+
+    layers: dict[str, BaseLayer]
+    level_channels: list[int]
+    time_dim: int
+
+    @property
+    def levels_with_attention(self) -> list[int]:
+        return sorted({layer.level for layer in self.layers.values()})
+
+
+def diffusers_layout(unet) -> BaseLayout:
+    """The layout of a diffusers UNet2DConditionModel."""
+    num_levels = len(unet.config.block_out_channels)
+    attn_modules = dict(unet.named_modules())
+    layers = {}
+    for name in unet.attn_processors:
+        level = processor_level(name, num_levels)
+        if level is None:
+            continue
+        attn = attn_modules[name[: -len(".processor")]]
+        layers[name.replace(".", "_")] = BaseLayer(level, attn.to_q.in_features, attn.to_q.out_features,
+                                                   attn.to_out[0].out_features, attn.heads, attn.to_q.weight)
+    return BaseLayout(layers, list(unet.config.block_out_channels), unet.time_embedding.linear_2.out_features)
+
+
+class ContextAdapter(nn.Module):
+    """Only the new parameters: modality embeddings and one ContextAttention per configured layer.
+
+    `base` is a diffusers UNet or the BaseLayout of any host's UNet (see ldm_unet.py)."""
+
+    def __init__(self, base, config: ContextAdapterConfig):
         super().__init__()
+        layout = base if isinstance(base, BaseLayout) else diffusers_layout(base)
         self.config = config
-        num_levels = len(unet.config.block_out_channels)
-        available = levels_with_attention(unet)
+        available = layout.levels_with_attention
         levels = config.levels if config.levels is not None else tuple(available[-2:])
         missing = sorted(set(levels) - set(available))
         if missing:
             raise ValueError(f"levels: {missing} have no cross-attention in this UNet (available: {available})")
         self.levels = tuple(sorted(levels))
-        time_dim = unet.time_embedding.linear_2.out_features
         # Zero start: an untrained adapter encodes every modality exactly as the base would.
-        self.modality_embedding = nn.Embedding(len(config.modalities), time_dim)
+        self.modality_embedding = nn.Embedding(len(config.modalities), layout.time_dim)
         nn.init.zeros_(self.modality_embedding.weight)
         self.layers = nn.ModuleDict()
         self.layer_levels: dict[str, int] = {}
-        attn_modules = dict(unet.named_modules())
-        for name in unet.attn_processors:
-            level = processor_level(name, num_levels)
-            if level not in self.levels:
+        for key, base_layer in layout.layers.items():
+            if base_layer.level not in self.levels:
                 continue
-            attn = attn_modules[name[: -len(".processor")]]
-            key = name.replace(".", "_")
-            inner_dim = attn.to_q.out_features
-            if config.head_dim is not None and inner_dim % config.head_dim:
-                raise ValueError(f"head_dim: {config.head_dim} does not divide {name}'s width {inner_dim}")
-            heads = attn.heads if config.head_dim is None else inner_dim // config.head_dim
-            if config.content_heads > heads:
-                raise ValueError(f"content_heads: {config.content_heads} is more than {name}'s {heads} heads")
-            self.layers[key] = ContextAttention(
-                query_dim=attn.to_q.in_features, context_dim=level_channels(unet, level),
-                inner_dim=inner_dim, out_dim=attn.to_out[0].out_features,
-                heads=heads, num_freqs=config.num_freqs, content_heads=config.content_heads,
-            )
-            with torch.no_grad():
-                self.layers[key].to_q.weight.copy_(attn.to_q.weight)
-            self.layer_levels[key] = level
+            self.layers[key] = self._context_layer(key, base_layer, layout.level_channels[base_layer.level])
+            self.layer_levels[key] = base_layer.level
+
+    def _context_layer(self, key: str, base: BaseLayer, context_dim: int) -> ContextAttention:
+        config = self.config
+        if config.head_dim is not None and base.inner_dim % config.head_dim:
+            raise ValueError(f"head_dim: {config.head_dim} does not divide {key}'s width {base.inner_dim}")
+        heads = base.heads if config.head_dim is None else base.inner_dim // config.head_dim
+        if config.content_heads > heads:
+            raise ValueError(f"content_heads: {config.content_heads} is more than {key}'s {heads} heads")
+        layer = ContextAttention(query_dim=base.query_dim, context_dim=context_dim, inner_dim=base.inner_dim,
+                                 out_dim=base.out_dim, heads=heads, num_freqs=config.num_freqs,
+                                 content_heads=config.content_heads)
+        with torch.no_grad():
+            layer.to_q.weight.copy_(base.query_weight)
+        return layer
 
     def modality_index(self, modality: str) -> int:
         try:

@@ -137,6 +137,17 @@ def stack_branches(cond: Conditioning, branches: tuple[str, ...]) -> BatchedCond
     return BatchedCondition(cat_text(texts), state, added_kwargs)
 
 
+def branch_parts(branch: str) -> tuple[bool, bool]:
+    """(text, contexts): whether a branch's estimate sees the prompt and the contexts."""
+    return _BRANCH_PARTS[branch]
+
+
+def step_index(sigmas: torch.Tensor, sigma: torch.Tensor) -> int:
+    """The step a sigma belongs to: the nearest of the schedule's sigmas, the final zero left out."""
+    value = float(sigma.flatten()[0])
+    return int((sigmas.detach().float().cpu()[:-1] - value).abs().argmin())
+
+
 def branch_weights(config: GuidanceConfig, step: int, num_steps: int, has_contexts: bool) -> dict[str, float]:
     """Coefficients of each branch's estimate for this step; they always sum to 1."""
     s_t, s_c = config.text_scale, config.context_scale
@@ -195,8 +206,7 @@ class GuidedDenoiser:
         self._rows_with_contexts = conditioning.rows_with_contexts()
 
     def step_index(self, sigma: torch.Tensor) -> int:
-        value = float(sigma.flatten()[0])
-        return int((self.sigmas[:-1] - value).abs().argmin())
+        return step_index(self.sigmas, sigma)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_) -> torch.Tensor:
         num_steps = len(self.sigmas) - 1

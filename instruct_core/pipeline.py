@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,15 @@ def _check_image_batch(field: str, images: torch.Tensor, channels: int, width: i
                                f"got {tuple(images.shape)}")
     if images.shape[0] not in (1, batch_size):
         raise InstructionError(f"{field}: batch {images.shape[0]} does not match batch {batch_size}")
+
+
+def start_noise_scale(sigma: float, sigma_max: float) -> float:
+    """How much of the seeded noise the first sample holds, as ComfyUI's samplers start: from the top of the
+    schedule, sqrt(1 + sigma^2) (the variance-preserving start, so the same seed gives the same picture in
+    KSampler); from lower down (img2img), sigma, on top of the image."""
+    if math.isclose(sigma, sigma_max, rel_tol=1e-5) or sigma > sigma_max:
+        return math.sqrt(1.0 + sigma * sigma)
+    return sigma
 
 
 class MaskedDenoiser:
@@ -348,7 +358,7 @@ class InstructImagen:
             raise InstructionError(f"{error} (schedule {schedule}, {steps} steps)") from None
         shape = (total, self.base.unet.config.in_channels, height // self.spatial_factor, width // self.spatial_factor)
         noise = prepare_noise(shape, seed).to(self.device)
-        x = noise * sigmas[0]
+        x = noise * start_noise_scale(float(sigmas[0]), self.schedule.sigma_max)
         init = None
         if init_image is not None:
             init = self._init_sample(init_image, width, height, total)

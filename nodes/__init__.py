@@ -7,6 +7,7 @@ from comfy_api.latest import ComfyExtension, io
 from . import paths
 from .instruction_nodes import ContextImage, InstructionBuilder, InstructionFromJSON, InstructionToJSON
 from .model_nodes import AdapterSaver, InstructImagenLoader
+from .patch_nodes import ApplyInstructImagen, InstructGuider
 from .sampling_nodes import InstructSampler, MultiModalEncode
 from .training_nodes import FineTuneStage
 
@@ -20,6 +21,8 @@ NODES = [
     InstructionToJSON,
     AdapterSaver,
     FineTuneStage,
+    ApplyInstructImagen,
+    InstructGuider,
 ]
 
 

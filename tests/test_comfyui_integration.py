@@ -25,7 +25,8 @@ COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON")
 PACK = "comfyui-instruct-imagen"  # the folder every documented install uses (docs/COMFYUI.md)
 NODE_IDS = {"InstructImagenLoader", "ContextImage", "InstructionBuilder", "MultiModalEncode", "InstructSampler",
-            "InstructionFromJSON", "InstructionToJSON", "AdapterSaver", "FineTuneStage"}
+            "InstructionFromJSON", "InstructionToJSON", "AdapterSaver", "FineTuneStage", "ApplyInstructImagen",
+            "InstructGuider"}
 WORKFLOWS = sorted((ROOT / "workflows" / "api").glob("*.json"))
 
 pytestmark = pytest.mark.skipif(not (COMFYUI_PATH and COMFYUI_PYTHON),

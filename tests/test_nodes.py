@@ -72,7 +72,8 @@ def test_entrypoint_lists_every_node_with_a_valid_schema(dirs):
     nodes = asyncio.run(extension.get_node_list())
     assert [n.GET_SCHEMA().node_id for n in nodes] == [
         "InstructImagenLoader", "ContextImage", "InstructionBuilder", "MultiModalEncode", "InstructSampler",
-        "InstructionFromJSON", "InstructionToJSON", "AdapterSaver", "FineTuneStage"]
+        "InstructionFromJSON", "InstructionToJSON", "AdapterSaver", "FineTuneStage", "ApplyInstructImagen",
+        "InstructGuider"]
     assert {n.GET_SCHEMA().category for n in nodes} == {"Instruct-Imagen"}
     assert (ROOT / pack.WEB_DIRECTORY).is_dir()
     # The example inputs were copied where the example workflows look for them.

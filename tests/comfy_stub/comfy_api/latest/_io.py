@@ -244,6 +244,31 @@ class Latent(ComfyTypeIO):
     ...
 
 
+@comfytype(io_type="MODEL")
+class Model(ComfyTypeIO):
+    ...
+
+
+@comfytype(io_type="CLIP")
+class Clip(ComfyTypeIO):
+    ...
+
+
+@comfytype(io_type="VAE")
+class Vae(ComfyTypeIO):
+    ...
+
+
+@comfytype(io_type="CONDITIONING")
+class Conditioning(ComfyTypeIO):
+    ...
+
+
+@comfytype(io_type="GUIDER")
+class Guider(ComfyTypeIO):
+    ...
+
+
 class DynamicInput(Input):
     pass
 
