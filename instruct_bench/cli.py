@@ -104,6 +104,10 @@ def add_speed_parsers(kinds) -> None:
     comfy.add_argument("--steps", type=int, default=20)
     comfy.add_argument("--repeats", type=int, default=3, help="timed runs of each sampler")
     comfy.add_argument("--cfg", type=float, default=5.0)
+    comfy.add_argument("--patch-contexts", default=None, metavar="K,K,...",
+                       help="instead: peak memory and per-step time of plain KSampler and of KSampler on "
+                            "ApplyInstructImagen with these numbers of contexts (e.g. 0,1,2,4,8); the server "
+                            "must run on this machine")
     comfy.add_argument("--json", default=None, help="also write the full report to this JSON file")
 
 
@@ -232,6 +236,16 @@ def run_speed(args) -> int:
     return 0
 
 
+def context_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--patch-contexts: {text!r} must be numbers separated by commas, e.g. 0,1,2,4,8") from None
+    if not counts or any(not 0 <= k <= 8 for k in counts):  # a fresh adapter takes 8 contexts
+        raise UsageError(f"--patch-contexts: {text!r}: each number must be from 0 to 8")
+    return counts
+
+
 def run_speed_comfyui(args) -> int:
     from . import speed_comfyui
     from instruct_bench.speed import write_json
@@ -248,6 +262,7 @@ def run_speed_comfyui(args) -> int:
     if name.is_absolute() or ".." in name.parts or not name.name:
         raise UsageError(f"--checkpoint: {args.checkpoint!r} must be a name the server lists, inside its "
                          f"checkpoints folder")
+    contexts = None if args.patch_contexts is None else context_counts(args.patch_contexts)
     log = lambda line: print(line, file=sys.stderr, flush=True)
     settings = speed_comfyui.ComfyBenchSettings(
         server=args.server, checkpoint=args.checkpoint, size=args.size, batch=args.batch, steps=args.steps,
@@ -260,11 +275,15 @@ def run_speed_comfyui(args) -> int:
             speed_comfyui.server_stats(ComfyClient(args.server))  # reachable, before minutes of writing
             log(f"writing a random {speed_comfyui.RANDOM_KINDS[args.random_kind][1]}-shaped checkpoint to {path}")
             speed_comfyui.write_random_checkpoint(path, args.random_kind)
-        report = speed_comfyui.bench_comfyui(settings, log)
+        if contexts is not None:
+            report = speed_comfyui.bench_comfyui_patch(settings, contexts, log)
+        else:
+            report = speed_comfyui.bench_comfyui(settings, log)
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.code
-    print(speed_comfyui.format_comfyui_report(report))
+    print(speed_comfyui.format_patch_report(report) if contexts is not None
+          else speed_comfyui.format_comfyui_report(report))
     if args.json:
         print(write_json(report, args.json))
     return 0

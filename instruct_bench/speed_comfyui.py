@@ -9,7 +9,9 @@ not enter it; the node's whole execution time is reported beside it.
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -216,6 +218,166 @@ def format_comfyui_report(report: dict) -> str:
     check = report["check"]
     lines += ["", f"{check['name']}: {check['value']} (target {check['target']}: "
                   f"{'met' if check['passed'] else 'not met'})"]
+    if s.get("command"):
+        lines += ["", f"Command: `{s['command']}`"]
+    return "\n".join(lines)
+
+
+# -- the patch path: KSampler on ApplyInstructImagen against plain KSampler --------------------------------
+
+PATCH_CONTEXTS = (0, 1, 2, 4, 8)
+# Context images the pack installs into the server's input folder, with their modality and marker text.
+CONTEXT_INPUTS = [("subject_toy.png", "subject", "a red plush toy"), ("style_dots.png", "style", "dots"),
+                  ("edge_house.png", "edge", "the edges of a house"), ("depth_ball.png", "depth", "a ball's depth"),
+                  ("sketch_cat.png", "sketch", "a cat"), ("subject_cube.png", "subject", "a cube"),
+                  ("style_stripes.png", "style", "stripes"), ("content_house.png", "image", "a house")]
+
+
+def patch_graph(settings: ComfyBenchSettings, seed: int, contexts: int) -> dict:
+    """The plain graph with ApplyInstructImagen (adapter none: the same work as a trained adapter) between
+    the loader and KSampler, the instruction naming `contexts` context images."""
+    graph = comfyui_graph(settings, seed)
+    del graph["2"], graph["3"]
+    text = PROMPT + "".join(f" with [ref#{k}]" for k in range(1, contexts + 1))
+    graph["20"] = {"class_type": "InstructionBuilder", "inputs": {"instruction": text, "negative": ""}}
+    for k in range(1, contexts + 1):
+        image, modality, marker = CONTEXT_INPUTS[(k - 1) % len(CONTEXT_INPUTS)]
+        graph[f"2{k}a"] = {"class_type": "LoadImage", "inputs": {"image": f"instruct_imagen/{image}"}}
+        graph[f"2{k}b"] = {"class_type": "ContextImage", "inputs": {
+            "image": [f"2{k}a", 0], "modality": modality, "text": marker, "weight": 1.0}}
+        graph["20"]["inputs"][f"contexts.ref_{k}"] = [f"2{k}b", 0]
+    graph["30"] = {"class_type": "ApplyInstructImagen", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "adapter": "none", "instruction": ["20", 0],
+        "strength": 1.0, "context_width": settings.size, "context_height": settings.size, "resize_policy": "crop"}}
+    graph["5"]["inputs"].update(model=["30", 0], positive=["30", 1], negative=["30", 2])
+    return graph
+
+
+def server_pid(url: str) -> int:
+    """The process listening on the server's port on this machine (Linux /proc), for its memory figures."""
+    from urllib.parse import urlparse
+
+    port = urlparse(url).port or 80
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                inodes.add(fields[9])
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(Path(os.readlink(fd)).name in {f"socket:[{i}]" for i in inodes} for fd in (proc / "fd").iterdir()):
+                return int(proc.name)
+        except OSError:
+            continue
+    raise ClientError(f"no process on this machine listens on port {port}: memory is measured on the server's "
+                      f"own machine, so run the benchmark there")
+
+
+class PeakMemory:
+    """A process's peak resident memory over a stretch of time: Linux's high-water mark (VmHWM), reset first
+    (clear_refs 5). On CUDA, the peak of the device memory in use, sampled from /system_stats meanwhile."""
+
+    def __init__(self, pid: int, client: ComfyClient, cuda: bool):
+        self.pid, self.client, self.cuda = pid, client, cuda
+        self._vram_peak, self._sampling = 0, None
+
+    def __enter__(self):
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+        except OSError as error:
+            raise ClientError(f"cannot reset the server's peak memory ({error}); run the benchmark as the "
+                              f"server's user") from None
+        if self.cuda:
+            self._sampling = threading.Event()
+            self._thread = threading.Thread(target=self._sample_vram, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._sampling is not None:
+            self._sampling.set()
+            self._thread.join()
+
+    def _sample_vram(self):
+        while not self._sampling.wait(0.05):
+            device = server_stats(self.client)["devices"][0]
+            self._vram_peak = max(self._vram_peak, device["torch_vram_total"] - device["torch_vram_free"])
+
+    def peak_bytes(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise ClientError(f"/proc/{self.pid}/status has no VmHWM line")
+
+    @property
+    def vram_peak_bytes(self) -> int | None:
+        return self._vram_peak if self.cuda else None
+
+
+def bench_comfyui_patch(settings: ComfyBenchSettings, contexts=PATCH_CONTEXTS,
+                        log: Callable[[str], None] = print) -> dict:
+    """Peak memory and per-step time of plain KSampler and of KSampler on ApplyInstructImagen with K contexts,
+    in one warm server: every graph runs once untimed (loading), then `repeats` times measured, in turn."""
+    client = ComfyClient(settings.server)
+    stats = server_stats(client)
+    cuda = any(d.get("type") == "cuda" for d in stats.get("devices", []))
+    pid = server_pid(settings.server)
+    names = ["plain"] + [f"K={k}" for k in contexts]
+    graphs = lambda seed: {"plain": comfyui_graph(settings, seed),
+                           **{f"K={k}": patch_graph(settings, seed, k) for k in contexts}}
+    rows = {name: {"steps": [], "peak_bytes": [], "vram_peak_bytes": []} for name in names}
+    for repeat in range(settings.repeats + 1):
+        for name, graph in graphs(2000 + repeat).items():
+            with PeakMemory(pid, client, cuda) as memory:
+                events = timed_prompt(client, graph, settings.timeout)
+            intervals = step_intervals(events, sampler_node(graph, COMFY_SAMPLER))
+            if len(intervals) < settings.steps - 1:
+                raise ClientError(f"{name}: got {len(intervals) + 1} progress events for {settings.steps} steps")
+            log(f"  {name} round {repeat}{' (warm-up)' if not repeat else ''}: median step "
+                f"{statistics.median(intervals) * 1e3:.1f} ms, peak {memory.peak_bytes() / 2**30:.2f} GiB")
+            if repeat:
+                rows[name]["steps"] += intervals
+                rows[name]["peak_bytes"].append(memory.peak_bytes())
+                rows[name]["vram_peak_bytes"].append(memory.vram_peak_bytes)
+    plain = rows["plain"]
+    plain_step, plain_peak = statistics.median(plain["steps"]), max(plain["peak_bytes"])
+    table = []
+    for name in names:
+        row = rows[name]
+        vram = [v for v in row["vram_peak_bytes"] if v is not None]
+        step, peak = statistics.median(row["steps"]), max(row["peak_bytes"])
+        table.append({"graph": name, "step_ms_median": step * 1e3, "step_ratio": step / plain_step,
+                      "peak_gib": peak / 2**30, "peak_ratio": peak / plain_peak,
+                      "vram_peak_gib": max(vram) / 2**30 if vram else None})
+    k2 = next((row for row in table if row["graph"] == "K=2"), None)
+    check = None if k2 is None else {"name": "ApplyInstructImagen K=2 peak memory vs plain KSampler",
+                                     "value": round(k2["peak_ratio"], 3), "target": "<= 1.15",
+                                     "passed": k2["peak_ratio"] <= 1.15}
+    return {"settings": asdict(settings), "system": stats, "rows": table, "check": check}
+
+
+def format_patch_report(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"# KSampler on ApplyInstructImagen (adapter none) vs plain KSampler: {s['checkpoint']}, "
+             f"{s['size']}x{s['size']}, batch {s['batch']}, {s['steps']} steps, euler/karras, cfg {s['cfg']}, "
+             f"{s['repeats']} measured runs each", "",
+             "| graph | per step (median) | vs plain | peak process memory | vs plain | peak VRAM |",
+             "|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        vram = f"{row['vram_peak_gib']:.2f} GiB" if row["vram_peak_gib"] is not None else "–"
+        lines.append(f"| {row['graph']} | {row['step_ms_median']:.1f} ms | {row['step_ratio']:.3f}x | "
+                     f"{row['peak_gib']:.2f} GiB | {row['peak_ratio']:.3f}x | {vram} |")
+    check = report["check"]
+    if check:
+        lines += ["", f"{check['name']}: {check['value']} (target {check['target']}: "
+                      f"{'met' if check['passed'] else 'not met'})"]
     if s.get("command"):
         lines += ["", f"Command: `{s['command']}`"]
     return "\n".join(lines)

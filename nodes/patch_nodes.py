@@ -7,7 +7,7 @@ from comfy_api.latest import io
 from ..instruct_core.guidance import GUIDANCE_MODES, GuidanceConfig
 from ..instruct_core.instruction import RESIZE_POLICIES, MultiModalInstruction
 from . import paths
-from .common import CATEGORY, Instruction, node_errors
+from .common import CATEGORY, Instruction, node_errors, with_search_aliases
 
 MAX_CONTEXT_SIZE = 2048
 
@@ -15,7 +15,7 @@ MAX_CONTEXT_SIZE = 2048
 class ApplyInstructImagen(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return with_search_aliases(io.Schema(
             node_id="ApplyInstructImagen",
             display_name="Apply Instruct-Imagen",
             category=CATEGORY,
@@ -41,7 +41,7 @@ class ApplyInstructImagen(io.ComfyNode):
             outputs=[io.Model.Output(display_name="model"),
                      io.Conditioning.Output(display_name="positive"),
                      io.Conditioning.Output(display_name="negative")],
-        )
+        ), "reference image", "ip adapter", "model patch", "multi reference")
 
     @classmethod
     def execute(cls, model, clip, vae, adapter: str, instruction: MultiModalInstruction, strength: float = 1.0,
@@ -58,9 +58,9 @@ class ApplyInstructImagen(io.ComfyNode):
 class InstructGuider(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return with_search_aliases(io.Schema(
             node_id="InstructGuider",
-            display_name="Instruct-Imagen Guider",
+            display_name="Instruct Guider (Instruct-Imagen)",
             category=CATEGORY,
             description="Guidance for SamplerCustomAdvanced over a model from Apply Instruct-Imagen: separate "
                         "scales for the text and for the context images (dual), alternating with no guidance "
@@ -74,15 +74,15 @@ class InstructGuider(io.ComfyNode):
                                tooltip="Guidance towards the text."),
                 io.Float.Input("cfg_context", default=GuidanceConfig.context_scale, min=0.0, max=30.0, step=0.1,
                                round=0.01, tooltip="Guidance towards the context images."),
-                io.Combo.Input("mode", options=list(GUIDANCE_MODES), default="dual"),
+                io.Combo.Input("guidance", options=list(GUIDANCE_MODES), default="dual"),
             ],
             outputs=[io.Guider.Output()],
-        )
+        ), "cfg guider", "dual guidance", "context guidance")
 
     @classmethod
-    def execute(cls, model, positive, negative, cfg_text: float, cfg_context: float, mode: str) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, cfg_text: float, cfg_context: float, guidance: str) -> io.NodeOutput:
         from .model_patch import instruct_guider
 
         with node_errors():
-            config = GuidanceConfig(cfg_text, cfg_context, mode)
+            config = GuidanceConfig(cfg_text, cfg_context, guidance)
         return io.NodeOutput(instruct_guider(model, positive, negative, config))

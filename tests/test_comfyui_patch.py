@@ -29,7 +29,7 @@ TEXT = "Generate an image of [ref#1] in the style of [ref#2]"
 def server(tmp_path_factory):
     running = Server(tmp_path_factory.mktemp("comfyui_patch"))
     folder = running.base / "models" / "checkpoints"
-    script = ("import sys; from pathlib import Path; from instruct_core.bench_comfyui import write_random_checkpoint;"
+    script = ("import sys; from pathlib import Path; from instruct_bench.speed_comfyui import write_random_checkpoint;"
               "write_random_checkpoint(Path(sys.argv[1]))")
     subprocess.run([sys.executable, "-c", script, str(folder / CHECKPOINT)], cwd=ROOT, check=True, timeout=900)
     yield running
@@ -153,7 +153,7 @@ def guider_graph(contexts: int, adapter: str, cfg_text: float, cfg_context: floa
     graph.update({
         "guider": {"class_type": "InstructGuider", "inputs": {
             "model": ["apply", 0], "positive": ["apply", 1], "negative": ["apply", 2], "cfg_text": cfg_text,
-            "cfg_context": cfg_context, "mode": mode}},
+            "cfg_context": cfg_context, "guidance": mode}},
         "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
         "sampler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
         "sigmas": {"class_type": "BasicScheduler", "inputs": {
