@@ -61,7 +61,7 @@ ADAPTER = {"head_dim": 32, "content_heads": 1}
 # training split, where the later stages can only build on what the base draws. Stage 2 ends on the tasks
 # that take content from a reference rather than a layout at the query's own place; a little of every control
 # and of text-to-image stays in, so those are not forgotten. 1,200 focus steps were chosen over 600 on the
-# training split (docs/RESULTS.md). The constant rate keeps the weights moving to the end; the cooldown lets them
+# training split. The constant rate keeps the weights moving to the end; the cooldown lets them
 # settle, which lowered the fixed-sample loss by 11% in 800 steps where 600 more constant-rate focus steps lowered
 # theirs by 1%. 800 cooldown steps were chosen over 400 on the training split.
 FOCUS_MIX = {"subject": 0.30, "styled_generation": 0.22, "style_transfer": 0.22, "inpainting": 0.12,
@@ -69,8 +69,9 @@ FOCUS_MIX = {"subject": 0.30, "styled_generation": 0.22, "style_transfer": 0.22,
              "depth_to_image": 0.025}
 
 # Subjects are the last task to be learnt: carrying a composite object from a reference over into a new place took
-# thousands of subject steps where the layout tasks took hundreds (docs/RESULTS.md, "Why subjects..."). Their
-# phase keeps a little of every other task in, so those are not forgotten, as subject-only steps made them.
+# thousands of subject steps where the layout tasks took hundreds (CHANGELOG.md, "Why subjects are rarely
+# drawn"). Their phase keeps a little of every other task in, so those are not forgotten, as subject-only steps
+# made them.
 SUBJECT_MIX = {"subject": 0.60, "styled_generation": 0.08, "style_transfer": 0.08, "inpainting": 0.08,
                "text_to_image": 0.04, "edge_to_image": 0.03, "sketch_to_image": 0.03, "mask_to_image": 0.03,
                "depth_to_image": 0.03}
@@ -78,7 +79,7 @@ SUBJECT_MIX = {"subject": 0.60, "styled_generation": 0.08, "style_transfer": 0.0
 # The seeded text encoder reads each token in the light of the ones before it: a caption under a phrasing never
 # seen in training read as another caption (cosine to its own states 0.70-0.80, between two captions 0.83), and
 # the held-out phrasings lost the subject's place. Random words before half the texts taught nothing with the
-# encoder frozen (layout IoU 0.05 after 1,100 steps); with it trained too, every test row rose (docs/RESULTS.md).
+# encoder frozen (layout IoU 0.05 after 1,100 steps); with it trained too, every test row rose (CHANGELOG.md).
 
 RECIPE = {
     "seed": 0,

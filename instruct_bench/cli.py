@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cfg-text", type=float, default=DEFAULT_TEXT_SCALE, help="text guidance scale s_t")
     evaluate.add_argument("--cfg-context", type=float, default=GuidanceConfig.context_scale,
                           help=f"context guidance scale s_c ({GuidanceConfig.context_scale}: chosen on the training "
-                               "split, see RESULTS.md)")
+                               "split, see CHANGELOG.md)")
     evaluate.add_argument("--split", default="test", choices=("test", "train"),
                           help="train: tune settings on training examples, never on the test split")
     evaluate.add_argument("--jobs", type=int, default=1,

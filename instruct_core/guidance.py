@@ -36,7 +36,7 @@ _BRANCH_PARTS = {FULL: (True, True), TEXT_ONLY: (True, False), CONTEXT_ONLY: (Fa
 @dataclass
 class GuidanceConfig:
     text_scale: float = 5.0
-    context_scale: float = 3.0  # chosen on the bundled model's training split (docs/RESULTS.md)
+    context_scale: float = 3.0  # chosen on the bundled model's training split (CHANGELOG.md)
     mode: str = "dual"
     oscillate_fraction: float = 0.5
 
