@@ -26,7 +26,7 @@ def node_strings(schema) -> dict:
         inputs[socket.id] = strings
     outputs = {}
     for index, socket in enumerate(schema.outputs):
-        strings = {"name": socket.display_name or socket.id}
+        strings = {"name": socket.display_name or socket.io_type}  # ComfyUI's name for an unnamed output
         if socket.tooltip:
             strings["tooltip"] = socket.tooltip
         outputs[str(index)] = strings

@@ -150,6 +150,8 @@ def test_help_pages_and_english_strings_are_served(server):
     for node in NODE_IDS:
         assert english["nodeDefs"][node]["display_name"] == info[node]["display_name"]
         assert english["nodeDefs"][node]["description"] == info[node]["description"]
+        outputs = english["nodeDefs"][node]["outputs"]
+        assert [outputs[str(i)]["name"] for i in range(len(outputs))] == info[node]["output_name"]
     assert english["nodeCategories"]["Instruct-Imagen"] == "Instruct-Imagen"
 
 

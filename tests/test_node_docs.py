@@ -65,13 +65,15 @@ def test_the_locale_script_reads_the_schema_strings(tmp_path):
         def define_schema(cls):
             return io.Schema(node_id="Probe", display_name="A probe", category="Tests", description="probes",
                              inputs=[io.Int.Input("count", tooltip="how many"), io.Image.Input("image")],
-                             outputs=[io.Image.Output(display_name="picture", tooltip="the result")])
+                             outputs=[io.Image.Output(display_name="picture", tooltip="the result"),
+                                      io.Mask.Output()])
 
     node_defs, main = locale_script().english_strings([Probe])
     assert node_defs == {"Probe": {"display_name": "A probe", "description": "probes",
                                    "inputs": {"count": {"name": "count", "tooltip": "how many"},
                                               "image": {"name": "image"}},
-                                   "outputs": {"0": {"name": "picture", "tooltip": "the result"}}}}
+                                   "outputs": {"0": {"name": "picture", "tooltip": "the result"},
+                                               "1": {"name": "MASK"}}}}
     assert main == {"nodeCategories": {"Tests": "Tests"}}
 
 
