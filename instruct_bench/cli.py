@@ -12,8 +12,14 @@ import math
 import sys
 from pathlib import Path
 
-from instruct_core.cli import (UsageError, add_model_arguments, check_at_least, check_guidance_scales, check_seed,
-                               chosen_names, run_command)
+from instruct_core.cli import (UsageError, add_model_arguments, check_at_least, check_at_most, check_guidance_scales,
+                               check_seed, chosen_names, run_command)
+
+# `build-default --scale` multiplies every phase's steps; the bundled recipe at 100 times is weeks on a CPU
+MAX_BUILD_SCALE = 100.0
+# `speed` sizes: well beyond what a benchmark needs; a larger request is a typo, not a measurement
+MAX_SPEED_BATCH = 256
+MAX_SPEED_CONTEXTS = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,8 +143,8 @@ def run_build_default(args) -> int:
 
     from .build_default import DEFAULT_DIR, RECIPE, TRAINING_PHASES, build
 
-    if args.scale <= 0:
-        raise UsageError(f"--scale: {args.scale} must be positive")
+    if not (math.isfinite(args.scale) and 0 < args.scale <= MAX_BUILD_SCALE):
+        raise UsageError(f"--scale: {args.scale} must be a number in (0, {MAX_BUILD_SCALE:g}]")
     recipe = copy.deepcopy(RECIPE)
     for phase in (p for p in TRAINING_PHASES if p in recipe):
         recipe[phase]["steps"] = max(1, round(recipe[phase]["steps"] * args.scale))
@@ -172,6 +178,11 @@ def run_eval(args) -> int:
     from .evaluation import EvalSettings, evaluate, write_results
 
     check_guidance_scales(args)
+    check_at_least("--examples", args.examples, 1)
+    check_at_most("--examples", args.examples, 100_000)
+    check_at_least("--steps", args.steps, 1)
+    check_at_most("--steps", args.steps, 1000)
+    check_seed(args.seed)
     chosen = {"examples_per_task": 4 if args.quick else args.examples, "steps": 8 if args.quick else args.steps}
     settings = EvalSettings(seed=args.seed, text_scale=args.cfg_text, context_scale=args.cfg_context, split=args.split,
                             **{name: value for name, value in chosen.items() if value is not None})
@@ -191,13 +202,13 @@ def run_eval(args) -> int:
     return 0
 
 
-def int_list(flag: str, text: str, minimum: int) -> tuple[int, ...]:
+def int_list(flag: str, text: str, minimum: int, maximum: int) -> tuple[int, ...]:
     try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
+        values = tuple(int(part) for part in text.split(",")[:64] if part.strip())
     except ValueError:
-        raise UsageError(f"{flag}: {text!r} is not a comma-separated list of integers") from None
-    if not values or min(values) < minimum:
-        raise UsageError(f"{flag}: {text!r} needs integers of at least {minimum}")
+        raise UsageError(f"{flag}: {text[:80]!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < minimum or max(values) > maximum:
+        raise UsageError(f"{flag}: {text[:80]!r} needs integers from {minimum} to {maximum}")
     return tuple(dict.fromkeys(values))
 
 
@@ -208,6 +219,8 @@ def run_speed(args) -> int:
         return run_speed_comfyui(args)
     check_at_least("--steps", args.steps, 1)
     check_at_least("--warmup", args.warmup, 0)
+    for flag, value in (("--steps", args.steps), ("--warmup", args.warmup), ("--repeats", getattr(args, "repeats", 1))):
+        check_at_most(flag, value, 1000)
     common = dict(size=args.size, device=args.device, dtype=args.dtype, steps=args.steps, warmup=args.warmup,
                   command=this_command())
     log = lambda line: print(line, file=sys.stderr, flush=True)
@@ -215,13 +228,16 @@ def run_speed(args) -> int:
         if args.speed_kind == "sample":
             check_at_least("--repeats", args.repeats, 1)
             settings = speed.SampleBenchSettings(
-                batches=int_list("--batch", args.batch, 1), contexts=int_list("--contexts", args.contexts, 0),
+                batches=int_list("--batch", args.batch, 1, MAX_SPEED_BATCH),
+                contexts=int_list("--contexts", args.contexts, 0, MAX_SPEED_CONTEXTS),
                 repeats=args.repeats, compile=args.compile, profile=args.profile, **common)
             report = speed.bench_sample(settings, log)
             text = speed.format_sample_report(report)
         else:
             check_at_least("--batch", args.batch, 1)
+            check_at_most("--batch", args.batch, MAX_SPEED_BATCH)
             check_at_least("--contexts", args.contexts, 0)
+            check_at_most("--contexts", args.contexts, MAX_SPEED_CONTEXTS)
             modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
             if not modes or set(modes) - set(speed.TRAIN_MODES):
                 raise UsageError(f"--modes: {args.modes!r} must list adapter and/or full")

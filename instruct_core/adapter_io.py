@@ -82,6 +82,8 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict:
     """The metadata of an adapter file, checked for format and version."""
     path = Path(path)
     if not path.is_file():
+        if os.path.lexists(path):  # a FIFO would block the open below; a folder cannot be read
+            raise AdapterError(f"adapter: not a regular file: {path}")
         raise AdapterError(f"adapter: file not found: {path}")
     if path.suffix.lower() != ".safetensors":
         raise AdapterError(f"adapter: {path.name}: only .safetensors adapters are loaded")

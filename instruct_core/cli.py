@@ -88,15 +88,11 @@ def _progress_callback(total: int, quiet: bool):
 
 
 def _load_init_image(path: str, width: int, height: int):
-    from PIL import Image, UnidentifiedImageError
-
-    from .instruction import prepare_context_image
+    from .instruction import prepare_context_image, read_image_file
     from .pipeline import pil_to_tensor
 
-    try:
-        image = Image.open(path).convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
-        raise UsageError(f"--init-image: cannot read {path} ({error})") from None
+    # as instruction images are read: a regular file, bounded in bytes, its header checked before decoding
+    image = read_image_file(path, "--init-image")
     return pil_to_tensor(prepare_context_image(image, (width, height)))[None]
 
 
@@ -106,9 +102,36 @@ def check_seed(seed: int) -> None:
 
 
 def check_guidance_scales(args) -> None:
+    from .instruction import InstructionError
+    from .limits import check_guidance_scale
+
     for flag, value in (("--cfg-text", args.cfg_text), ("--cfg-context", args.cfg_context)):
-        if not math.isfinite(value):
-            raise UsageError(f"{flag}: {value} must be a finite number")
+        try:
+            check_guidance_scale(flag, value)
+        except InstructionError as error:
+            raise UsageError(str(error)) from None
+
+
+def _check_generation_arguments(args) -> None:
+    """Every number of `generate` before a model is loaded: one line naming the flag, exit 2."""
+    from .instruction import InstructionError
+    from .limits import LIMITS, require_int, require_number
+
+    try:
+        require_int("--batch", args.batch, 1, LIMITS.max_batch)
+        require_int("--steps", args.steps, 1, LIMITS.max_steps)
+        for flag, value in (("--width", args.width), ("--height", args.height)):
+            if value:  # 0 or none: the model's native size
+                require_int(flag, value, 1, LIMITS.max_side)
+        require_number("--denoise", args.denoise, 0.0, 1.0, low_open=True)
+    except InstructionError as error:
+        raise UsageError(str(error)) from None
+    check_seed(args.seed)
+    check_guidance_scales(args)
+    if args.root is not None and not os.path.isdir(args.root):
+        raise UsageError(f"--root: {args.root} is not a folder")
+    if args.init_image is None and args.denoise != 1.0:
+        raise UsageError("--denoise: needs --init-image")
 
 
 def run_generate(args) -> int:
@@ -117,21 +140,19 @@ def run_generate(args) -> int:
     from .models import load_pipeline
     from .pipeline import save_images
 
-    if args.batch < 1:
-        raise UsageError(f"--batch: {args.batch} must be at least 1")
-    check_seed(args.seed)
-    check_guidance_scales(args)
+    _check_generation_arguments(args)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out: {out} must end in .png")
     pipe = load_pipeline(args.model, args.adapter, args.device, args.dtype)
     instruction = load_instruction(args.instruction, root=args.root, known_modalities=pipe.known_modalities,
                                    max_contexts=pipe.max_contexts)
     width = args.width or pipe.native_size
     height = args.height or pipe.native_size
+    pipe.check_size(width, height, args.batch)
+    contexts = len(instruction.contexts)
+    pipe.check_memory(width, height, args.batch, 4 if contexts else 2, contexts, field="--batch")
     init = _load_init_image(args.init_image, width, height) if args.init_image else None
-    if init is None and args.denoise != 1.0:
-        raise UsageError("--denoise: needs --init-image")
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out: {out} must end in .png")
     guidance = GuidanceConfig(text_scale=args.cfg_text, context_scale=args.cfg_context, mode=args.guidance)
     callback, close = _progress_callback(args.steps, args.quiet)
     try:
@@ -209,6 +230,11 @@ def chosen_names(flag: str, text: str, known: list[str]) -> list[str]:
 def check_at_least(flag: str, value: int | None, minimum: int) -> None:
     if value is not None and value < minimum:
         raise UsageError(f"{flag}: {value} must be at least {minimum}")
+
+
+def check_at_most(flag: str, value: int | None, maximum: int) -> None:
+    if value is not None and value > maximum:
+        raise UsageError(f"{flag}: {value} must be at most {maximum}")
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import limits
 from .context_attention import ContextState
+from .instruction import InstructionError
 
 GUIDANCE_MODES = ("dual", "oscillating", "interleaved")
 
@@ -42,13 +44,15 @@ class GuidanceConfig:
 
     def __post_init__(self):
         if self.mode not in GUIDANCE_MODES:
-            raise ValueError(f"guidance mode: {self.mode!r} is not one of {', '.join(GUIDANCE_MODES)}")
+            raise InstructionError(f"guidance mode: {self.mode!r} is not one of {', '.join(GUIDANCE_MODES)}")
         for name in ("text_scale", "context_scale", "oscillate_fraction"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"guidance {name}: {value!r} is not a finite number")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InstructionError(f"guidance {name}: {value!r} is not a finite number")
+        for name in ("text_scale", "context_scale"):  # 1e308 is finite, and makes a black image
+            limits.check_guidance_scale(f"guidance {name}", getattr(self, name))
         if not 0.0 <= self.oscillate_fraction <= 1.0:
-            raise ValueError(f"guidance oscillate_fraction: {self.oscillate_fraction} is not within [0, 1]")
+            raise InstructionError(f"guidance oscillate_fraction: {self.oscillate_fraction} is not within [0, 1]")
 
 
 def cat_text(embeddings: list[torch.Tensor]) -> torch.Tensor:

@@ -53,6 +53,7 @@ __all__ = [
     "parse_markers",
     "prepare_context_image",
     "prepare_mask",
+    "read_image_file",
     "save_instruction",
     "to_mask",
     "to_rgb",
@@ -74,6 +75,11 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # are more attack surface than an instruction needs.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 RESIZE_POLICIES = ("crop", "fit", "stretch")
+# "crop" resizes the whole image, then cuts the target out of it, unless that intermediate image would hold more
+# than this many times the target's pixels; then only the part that stays is resized (within a pixel of the same).
+MAX_CROP_OVERSIZE = 4
+# Frames a multi-frame file (GIF, TIFF) may declare; only the first is read.
+MAX_IMAGE_FRAMES = 1024
 
 _DATA_URI = re.compile(r"data:([^;,]*)((?:;[^;,]*)*),(.*)", re.DOTALL)
 
@@ -464,6 +470,25 @@ def _check_pixel_count(size: tuple[int, int], field: str) -> None:
         )
 
 
+def _check_header(image: Image.Image, field: str) -> None:
+    """Size and frame count as the file declares them, checked before any pixel is decoded."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InstructionError(f"{field}: image is empty ({_size(image.size)})")
+    _check_pixel_count(image.size, field)
+    frames = getattr(image, "n_frames", 1)
+    if frames > MAX_IMAGE_FRAMES:
+        raise InstructionError(f"{field}: image declares {frames} frames, over the limit of {MAX_IMAGE_FRAMES}")
+
+
+def read_image_file(path: str | os.PathLike, field: str, convert: Callable[[Image.Image], Image.Image] = None
+                    ) -> Image.Image:
+    """An image file read as instruction images are: a regular file (a FIFO, a device or a folder is refused
+    without blocking), at most MAX_IMAGE_FILE_BYTES, its header checked before decoding; RGB by default."""
+    source = os.fspath(path)
+    return _decode_image(_read_file(source, field, source, MAX_IMAGE_FILE_BYTES), field, source, convert or to_rgb)
+
+
 def _check_context_count(count: int, max_contexts: int) -> None:
     if count > max_contexts:
         raise InstructionError(f"contexts: {count} contexts, more than the maximum of {max_contexts}")
@@ -717,7 +742,7 @@ def _decode_image(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-            _check_pixel_count(image.size, field)  # from the header, before any pixel is decoded
+            _check_header(image, field)  # before any pixel is decoded
             image.load()
             converted = convert(image)
     except InstructionError:
@@ -842,10 +867,18 @@ def _place(
     resample: Image.Resampling,
 ) -> Image.Image:
     target = _check_size(size)
-    resized_size, offset = _placement(image.size, target, policy)
+    (width, height), offset = _placement(image.size, target, policy)
     canvas = Image.new(image.mode, target, fill)
+    if width * height > MAX_CROP_OVERSIZE * target[0] * target[1]:
+        # A thin strip under "crop" (1 x 1,000,000 to 64 x 64 would be 64 x 64,000,000): resize only the part
+        # that stays, so no buffer is larger than the target.
+        scale_x, scale_y = image.size[0] / width, image.size[1] / height
+        box = (-offset[0] * scale_x, -offset[1] * scale_y, (target[0] - offset[0]) * scale_x,
+               (target[1] - offset[1]) * scale_y)
+        canvas.paste(image.resize(target, resample, box=box), (0, 0))
+        return canvas
     # Pasting at a negative offset is what cuts the centre out for "crop".
-    canvas.paste(image.resize(resized_size, resample), offset)
+    canvas.paste(image.resize((width, height), resample), offset)
     return canvas
 
 

@@ -114,9 +114,16 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         return name
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r}: CUDA is not available on this machine")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device: {name!r}, but this torch sees no CUDA device (torch {torch.__version__}); "
+                                 f"use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device: {name!r}, but there are {torch.cuda.device_count()} CUDA devices")
     return device
 
 
@@ -145,11 +152,20 @@ def _pickle_refused(found: str, pronoun: str) -> ModelLoadError:
                           f"convert {pronoun} to .safetensors with a tool you trust")
 
 
+def _not_a_file(path: Path, folder_too: bool = False) -> str:
+    """Why `path` cannot be read as a model: missing, or a FIFO, device or socket (never opened, so never waited on)."""
+    if not os.path.lexists(path):
+        return "no such file or folder" if folder_too else "no such file"
+    if path.is_dir():
+        return "a folder, not a .safetensors file"
+    return "not a regular file (a FIFO, device or socket); give a .safetensors file"
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
     """Return (state_dict, safetensors metadata) of a single-file checkpoint."""
     path = Path(path)
     if not path.is_file():
-        raise ModelLoadError(f"{path}: no such file")
+        raise ModelLoadError(f"{path}: {_not_a_file(path)}")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise _pickle_refused(f"{path}: a pickle checkpoint ({path.suffix})", "it")
     try:
@@ -276,7 +292,7 @@ def load_base(
     elif path.is_file():
         model = _load_single_file(path, dtype, config_dir, prediction_type)
     else:
-        raise ModelLoadError(f"{path}: no such file or folder")
+        raise ModelLoadError(f"{path}: {_not_a_file(path, folder_too=True)}")
     for module in [model.unet, model.vae, *model.text_encoders]:
         if module is not None:
             module.to(device).eval()

@@ -17,15 +17,19 @@ import torch
 
 from .adapter_io import load_adapter
 from .context_attention import ContextState
-from .context_unet import ContextAdapterConfig, ContextAugmentedUNet
+from . import limits
+from .context_unet import ContextAdapterConfig, ContextAugmentedUNet, levels_with_attention
 from .denoiser import DiscreteDenoiser
 from .guidance import Conditioning, GuidanceConfig, GuidedDenoiser, cat_text
-from .instruction import InstructionError, MultiModalInstruction, prepare_context_image, prepare_mask
+from .instruction import InstructionError, MultiModalInstruction, check_text, prepare_context_image, prepare_mask
 from .loading import BaseModel
 from .samplers import SAMPLERS, check_sampler_sigmas, prepare_noise
-from .schedules import DEFAULT_SCHEDULE, SCHEDULES, DiscreteSchedule, get_sigmas, sigmas_for_denoise
+from .schedules import (DEFAULT_SCHEDULE, SCHEDULES, DiscreteSchedule, denoise_schedule_length, get_sigmas,
+                        sigmas_for_denoise)
 
-MAX_PIXELS = 4096 * 4096
+MAX_PIXELS = limits.LIMITS.max_pixels  # the default; `limits.configure(max_pixels=...)` changes the one in force
+# torch generators take seeds in [-2**63, 2**64 - 1]; sampling also uses seed + 1
+SEED_RANGE = (-(2**63), 2**64 - 2)
 
 
 @dataclass
@@ -212,6 +216,9 @@ class InstructImagen:
         windows by repeating its own: cross-attention over a repeated sequence equals attention over it once,
         so a short text encodes exactly as it does alone. Pooled embeddings come from the first window.
         """
+        for index, text in enumerate(texts):  # bounded before any tokenizer sees it
+            if isinstance(text, str):
+                check_text(text, f"texts[{index}]")
         chunked = self.long_text == "chunk"
         windows = [1] * len(texts)
         if chunked:  # every encoder reads the first tokenizer's number of windows: SDXL's two share one vocabulary
@@ -259,19 +266,45 @@ class InstructImagen:
         else:
             upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
             decoder = vae.to(torch.float32) if upcast else vae
-            pixels = decoder.decode(sample.to(decoder.dtype) / self.base.vae_scaling_factor).sample.float()
+            # one image at a time: the decoder's full-resolution activations are the largest tensors of a call
+            pixels = torch.cat([decoder.decode(row.to(decoder.dtype) / self.base.vae_scaling_factor).sample.float()
+                                for row in sample.split(1)])
             if upcast:
                 vae.to(torch.float16)
         return ((pixels + 1) / 2).clamp(0, 1).cpu()
 
     def check_size(self, width: int, height: int, batch_size: int) -> None:
+        limits.check_canvas(width, height, batch_size)
         multiple = self.size_multiple
         for name, value in (("width", width), ("height", height)):
-            if value <= 0 or value % multiple:
+            if value % multiple:
                 raise InstructionError(f"{name}: {value} must be a positive multiple of {multiple} for this model")
-        if width * height * batch_size > MAX_PIXELS:
-            raise InstructionError(f"batch: {batch_size} images of {width}x{height} exceed the limit of "
-                                   f"{MAX_PIXELS} pixels per call")
+
+    def model_facts(self) -> limits.ModelFacts:
+        unet = self.base.unet
+        attention = levels_with_attention(unet)
+        level = attention[0] if attention else None
+        head_dim = unet.config.attention_head_dim
+        head_dim = head_dim[0] if isinstance(head_dim, (list, tuple)) else head_dim
+        channels = unet.config.block_out_channels
+        heads = max(1, channels[level] // head_dim) if level is not None and head_dim else 8
+        vae = self.base.vae
+        return limits.ModelFacts(
+            in_channels=unet.config.in_channels, spatial_factor=self.spatial_factor, first_channels=channels[0],
+            attention_level=level, attention_heads=heads,
+            vae_channels=0 if vae is None else vae.config.block_out_channels[0],
+            element_bytes=torch.finfo(self.dtype).bits // 8, fused_attention=self.device.type == "cuda")
+
+    def check_memory(self, width: int, height: int, rows: int, branches: int, contexts: int = 0,
+                     context_size: tuple[int, int] | None = None, field: str = "batch") -> None:
+        """Refuse, naming `field`, a request whose estimated peak memory is over the limit (see `limits`)."""
+        context_width, context_height = context_size or (width, height)
+        cells = (context_width // self.spatial_factor) * (context_height // self.spatial_factor)
+        needed = limits.estimate_generation_bytes(self.model_facts(), width, height, rows, branches, contexts,
+                                                  cells)
+        images = f"{rows} image{'s' if rows != 1 else ''} of {width}x{height}"
+        what = f"{images} with {contexts} context{'s' if contexts != 1 else ''}" if contexts else images
+        limits.check_memory(field, needed, what)
 
     @torch.no_grad()
     def encode_instruction(self, instruction: MultiModalInstruction, context_size: tuple[int, int] | None = None,
@@ -282,8 +315,11 @@ class InstructImagen:
         uses normalised positions, so the conditioning serves any output size.
         """
         instruction.validate(known_modalities=self.known_modalities, max_contexts=self.max_contexts)
+        for index, context in enumerate(instruction.contexts):
+            limits.check_context_weight(f"contexts[{index}].weight", context.weight)
         width, height = context_size or (self.native_size, self.native_size)
         self.check_size(width, height, 1)
+        self.check_memory(width, height, 1, 1, len(instruction.contexts), field="contexts")
         text, pooled = self.encode_text([instruction.text, instruction.negative])
         cond = Conditioning(text=text[:1], null_text=text[1:])
         if pooled is not None:
@@ -323,6 +359,10 @@ class InstructImagen:
         width = self.native_size if width is None else width
         height = self.native_size if height is None else height
         self.check_size(width, height, 1)
+        batch_size = sample_args.get("batch_size", 1)
+        self.check_size(width, height, limits.require_int("batch", batch_size, 1, limits.LIMITS.max_batch))
+        contexts = len(instruction.contexts)
+        self.check_memory(width, height, batch_size, 4 if contexts else 2, contexts)
         cond = self.encode_instruction(instruction, (width, height), resize_policy)
         return self.sample(cond, width=width, height=height, **sample_args)
 
@@ -338,18 +378,12 @@ class InstructImagen:
         may raise SamplingCancelled."""
         width = self.native_size if width is None else width
         height = self.native_size if height is None else height
-        if sampler not in SAMPLERS:
-            raise InstructionError(f"sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
-        if schedule not in SCHEDULES:
-            raise InstructionError(f"schedule: {schedule!r} is not one of {', '.join(SCHEDULES)}")
-        if not 1 <= steps <= 1000:
-            raise InstructionError(f"steps: {steps} must be between 1 and 1000")
-        if not 0.0 < denoise <= 1.0:
-            raise InstructionError(f"denoise: {denoise} must be in (0, 1]")
-        if batch_size < 1:
-            raise InstructionError(f"batch: {batch_size} must be at least 1")
+        self._check_sample_arguments(cond, seed, steps, sampler, schedule, denoise, init_image is not None,
+                                     batch_size, guidance)
         total = cond.num_rows * batch_size
         self.check_size(width, height, total)
+        contexts = cond.context_state.max_contexts if cond.has_contexts else 0
+        self.check_memory(width, height, total, 4 if contexts else 2, contexts)
         cond = self._with_size(cond.repeat_rows(batch_size), width, height)
         sigmas = self._sigmas(steps, schedule, denoise if init_image is not None else 1.0)
         try:
@@ -373,9 +407,38 @@ class InstructImagen:
         sample = SAMPLERS[sampler](guided, x, sigmas.to(self.device), callback=callback, generator=generator)
         if mask is not None:
             sample = sample * (1.0 - keep) + init * keep
+        if not bool(torch.isfinite(sample).all()):
+            raise InstructionError(f"result: sampling gave NaN or infinite values (sampler {sampler}, schedule "
+                                   f"{schedule}, {steps} steps, guidance {guidance or GuidanceConfig()}); nothing "
+                                   f"was decoded")
         latents = sample.float() / (self.base.vae_scaling_factor if self.base.vae is not None else 1.0)
         return GenerationResult(self.to_images(sample), latents.cpu(), seed,
                                 {"steps": len(sigmas) - 1, "sampler": sampler, "schedule": schedule})
+
+    @staticmethod
+    def _check_sample_arguments(cond, seed, steps, sampler, schedule, denoise, with_init, batch_size,
+                                guidance) -> None:
+        """Every sampling argument well typed and within the limits, before anything is allocated."""
+        if not isinstance(cond, Conditioning):
+            raise InstructionError(f"cond: expected a Conditioning, got {type(cond).__name__}")
+        limits.require_int("seed", seed, *SEED_RANGE)
+        if sampler not in SAMPLERS:
+            raise InstructionError(f"sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if schedule not in SCHEDULES:
+            raise InstructionError(f"schedule: {schedule!r} is not one of {', '.join(SCHEDULES)}")
+        limits.require_int("steps", steps, 1, limits.LIMITS.max_steps)
+        limits.require_number("denoise", denoise, 0.0, 1.0, low_open=True)
+        if with_init and denoise <= 0.9999:
+            try:
+                denoise_schedule_length(steps, denoise)
+            except ValueError as error:
+                raise InstructionError(str(error)) from None
+        limits.require_int("batch", batch_size, 1, limits.LIMITS.max_batch)
+        if guidance is not None:
+            if not isinstance(guidance, GuidanceConfig):
+                raise InstructionError(f"guidance: expected a GuidanceConfig, got {type(guidance).__name__}")
+            limits.check_guidance_scale("guidance text_scale", guidance.text_scale)
+            limits.check_guidance_scale("guidance context_scale", guidance.context_scale)
 
     def _with_size(self, cond: Conditioning, width: int, height: int) -> Conditioning:
         """Add SDXL's size conditioning (time ids) for this output size."""

@@ -15,7 +15,7 @@ from .data import DataReport, read_dataset
 from ..instruction import DEFAULT_MODALITIES
 from ..pipeline import InstructImagen
 from .config import ConfigError, TrainConfig
-from .trainer import Trainer, TrainResult
+from .trainer import Trainer, TrainResult, training_folder_lock
 
 
 def adapter_config_of(config: TrainConfig) -> ContextAdapterConfig:
@@ -81,9 +81,9 @@ def run_training(config: TrainConfig, *, pipe: InstructImagen | None = None,
         pipe = load_pipeline(config.base_model, config.adapter, device=device, dtype="fp32",
                              adapter_config=adapter_config_of(config))
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    report: dict = {"stage": config.stage}
-    dataset = build_stage1_data(config, pipe, report) if config.stage == 1 else build_stage2_data(config, report)
-    trainer = Trainer(config, pipe, dataset, progress=progress, cancel=cancel, report=report)
-    return trainer.run(resume=resume)
+    with training_folder_lock(output_dir):  # before anything is written there
+        (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        report: dict = {"stage": config.stage}
+        dataset = build_stage1_data(config, pipe, report) if config.stage == 1 else build_stage2_data(config, report)
+        trainer = Trainer(config, pipe, dataset, progress=progress, cancel=cancel, report=report)
+        return trainer.run(resume=resume)

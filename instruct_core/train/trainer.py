@@ -7,9 +7,13 @@ same examples and noise follow, and the loss curve is the one an uninterrupted r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import socket
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -19,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpointing import list_checkpoints, load_checkpoint, remove_partial_checkpoints, save_checkpoint
+from .checkpointing import list_checkpoints, load_checkpoint, recover_checkpoints, save_checkpoint
 from ..context_attention import ContextState
 from .data import TrainingExample
 from ..instruction import prepare_context_image, prepare_mask
@@ -37,6 +41,94 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 class TrainingError(RuntimeError):
     """Training stopped for a reason the user can act on; the last good checkpoint is intact."""
+
+
+LOCK_NAME = "trainer.lock"
+_HELD_LOCKS: dict[str, int] = {}  # folders this process holds, with how many holders nest inside it
+
+
+@contextlib.contextmanager
+def training_folder_lock(folder: Path, log: Callable[[str], None] | None = None):
+    """Own `folder` for one trainer: a lock file naming this process (pid and host) refuses a second trainer,
+    in this process or another, until the first one ends. A lock left by a process of this host that no longer
+    runs (a kill -9) is stale: it is reported through `log` and taken over. One from another host cannot be
+    checked; the refusal says how to clear it. Nested holders in one process share the lock, and the processes
+    of one data-parallel job (torchrun) are one trainer."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(folder)
+    if os.environ.get("RANK", "0") != "0":  # a data-parallel job is one trainer: its rank-0 process holds the lock
+        yield
+        return
+    if key in _HELD_LOCKS:
+        _HELD_LOCKS[key] += 1
+        try:
+            yield
+        finally:
+            _HELD_LOCKS[key] -= 1
+        return
+    path = folder / LOCK_NAME
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _take_lock(path, record, log or (lambda line: warnings.warn(line, stacklevel=4)))
+    _HELD_LOCKS[key] = 1
+    try:
+        yield
+    finally:
+        del _HELD_LOCKS[key]
+        if _read_lock(path) == record:
+            path.unlink(missing_ok=True)
+
+
+def _take_lock(path: Path, record: dict, log: Callable[[str], None]) -> None:
+    for _ in range(2):
+        # written whole under another name, then linked: the lock never exists without its owner in it
+        draft = path.with_name(f"{path.name}.{record['pid']}.tmp")
+        draft.write_text(json.dumps(record))
+        try:
+            os.link(draft, path)
+            return
+        except FileExistsError:
+            owner = _read_lock(path)
+        finally:
+            draft.unlink(missing_ok=True)
+        if not _is_stale(owner):
+            raise TrainingError(_lock_message(path, owner))
+        log(f"{path}: removed a stale lock of pid {owner['pid']} on {owner['host']} (since {owner.get('started')}), "
+            f"which no longer runs")
+        path.unlink(missing_ok=True)
+    raise TrainingError(_lock_message(path, _read_lock(path)))
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        owner = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _is_stale(owner: dict | None) -> bool:
+    if owner is None or owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return False
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists, owned by someone else
+        return False
+    return False
+
+
+def _lock_message(path: Path, owner: dict | None) -> str:
+    clear = f"if no trainer is running there, delete {path}"
+    if owner is None:
+        return f"output_dir: {path.parent} is locked by {path}, which cannot be read; {clear}"
+    where = f"pid {owner.get('pid')} on host {owner.get('host')}, since {owner.get('started')}"
+    if owner.get("host") != socket.gethostname():
+        return (f"output_dir: {path.parent} is in use by a trainer on another host ({where}), which cannot be "
+                f"checked from here; {clear}")
+    return (f"output_dir: {path.parent} is in use by another trainer ({where}); wait for it to end or stop it "
+            f"({clear})")
 
 
 @dataclass
@@ -363,7 +455,7 @@ class Trainer:
 
     def resume(self) -> bool:
         if self.accelerator.is_main_process:
-            remove_partial_checkpoints(self.checkpoint_dir)
+            recover_checkpoints(self.checkpoint_dir)
         checkpoints = list_checkpoints(self.checkpoint_dir)
         if not checkpoints:
             return False
@@ -382,6 +474,10 @@ class Trainer:
 
     # the loop
     def run(self, resume: bool = False) -> TrainResult:
+        with training_folder_lock(self.output_dir):
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> TrainResult:
         if resume:
             self.resume()
         config = self.config
