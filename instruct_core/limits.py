@@ -156,6 +156,16 @@ def estimate_generation_bytes(facts: ModelFacts, width: int, height: int, rows: 
     return unet + state + scores + max(encode, decode)
 
 
+def estimate_training_bytes(facts: ModelFacts, resolution: int, batch: int, contexts: int, parameters: int,
+                            trained: int) -> int:
+    """Peak bytes of one training step of `batch` examples at resolution x resolution with up to `contexts`
+    contexts: the forward pass's activations kept for the backward pass and its gradients (3 times a sampling
+    pass of one branch), the weights, and for each trained parameter its float32 gradient and two Adam moments."""
+    cells = (resolution // facts.spatial_factor) ** 2
+    forward = estimate_generation_bytes(facts, resolution, resolution, batch, 1, contexts, cells)
+    return 3 * forward + parameters * facts.element_bytes + trained * 12
+
+
 def check_memory(field: str, needed: int, what: str) -> None:
     if needed > LIMITS.max_memory_bytes:
         raise InstructionError(f"{field}: {what} needs about {needed / GIB:.3g} GiB, over the limit of "

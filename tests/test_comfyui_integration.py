@@ -191,7 +191,17 @@ REJECTED = [
     (_edited("text_to_image", "4", width=999999), "4", "bigger than max"),
     (_edited("text_to_image", "1", model="../../../etc/passwd"), "1", "Value not in list"),
     (_edited("subject", "2", image="../../../../etc/passwd"), "2", "Invalid image file"),
+    (_edited("subject", "4", instruction="Put [ref#01] on a beach"), "4", "no leading zeros (write [ref#1])"),
+    (_edited("subject", "4", instruction="Put <image1> next to @image2"), "4", "[ref#2] has no context"),
 ]
+
+
+def _img2img(**sampler_inputs) -> dict:
+    """subject, with its loaded image also the sampler's init image."""
+    graph = load("subject")
+    graph["6"]["inputs"].update(init_image=["2", 0], **sampler_inputs)
+    return graph
+
 
 # Accepted, then stopped by the node that meets the bad value: (graph, words the execution error must hold)
 FAILED = [
@@ -202,6 +212,11 @@ FAILED = [
     (_from_json(json.dumps({"version": 1, "text": "[ref#1]", "contexts": [
         {"id": 1, "modality": "subject", "text": "[ref#1]", "image": "../../secret.png"}]})),
      "InstructionFromJSON.*contexts\\[0\\]\\.image"),
+    # ComfyUI's steps / denoise arithmetic would build a schedule of 100,000 steps here
+    (_img2img(denoise=0.01, steps=1000),
+     "InstructSampler.*denoise: 0.01 with 1000 steps needs a schedule of 1e\\+05"),
+    (_edited("text_to_image", "4", sampler="heun", schedule="normal", steps=4),
+     "InstructSampler.*sampler: heun is unstable on this schedule"),
 ]
 
 

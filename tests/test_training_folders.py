@@ -154,3 +154,20 @@ def test_a_lock_that_cannot_be_checked_is_refused_with_how_to_clear_it(tmp_path,
     with pytest.raises(TrainingError, match=rf"{expected}.*if no trainer is running there, delete .*{LOCK_NAME}"):
         with training_folder_lock(tmp_path):
             pass
+
+
+def test_a_training_step_over_the_memory_budget_is_refused_before_the_folder_is_touched(tmp_path):
+    from instruct_core import limits
+    from instruct_core.pipeline import InstructImagen
+    from instruct_core.tiny import build_tiny_base
+    from instruct_core.train.config import config_from_dict
+    from instruct_core.train.stages import run_training
+
+    config = config_from_dict({"stage": 2, "base_model": "tiny", "output_dir": str(tmp_path / "run"),
+                               "data": {"source": str(tmp_path / "no-data"), "resolution": 512},
+                               "train": {"steps": 1, "batch_size": 64}})
+    pipe = InstructImagen.from_base(build_tiny_base(seed=0))
+    with pytest.raises(limits.InstructionError, match=r"^train\.batch_size: a step of 64 examples at 512x512 "
+                                                      r"with up to \d+ contexts needs about .* GiB, over the limit"):
+        run_training(config, pipe=pipe)
+    assert not (tmp_path / "run").exists()  # refused before the lock, the config or any data

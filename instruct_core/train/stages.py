@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from .. import limits
 from ..context_unet import ContextAdapterConfig
 from .data import DataReport, read_dataset
 from ..instruction import DEFAULT_MODALITIES
@@ -70,6 +71,21 @@ def build_stage2_data(config: TrainConfig, report: dict):
     return mixture
 
 
+def check_training_memory(config: TrainConfig, pipe: InstructImagen) -> None:
+    """Refuse, naming train.batch_size, a step whose estimated memory is over the limit, before any data is read."""
+    model = pipe.model
+    parameters = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.adapter.parameters())
+    if config.train.train_base == "full":
+        trained = parameters
+    resolution, batch = config.data.resolution, config.train.batch_size
+    needed = limits.estimate_training_bytes(pipe.model_facts(), resolution, batch, pipe.max_contexts, parameters,
+                                            trained)
+    limits.check_memory("train.batch_size", needed,
+                        f"a step of {batch} examples at {resolution}x{resolution} with up to {pipe.max_contexts} "
+                        f"contexts")
+
+
 def run_training(config: TrainConfig, *, pipe: InstructImagen | None = None,
                  progress: Callable[[int, int, float], None] | None = None,
                  cancel: Callable[[], bool] | None = None, resume: bool = False,
@@ -80,6 +96,7 @@ def run_training(config: TrainConfig, *, pipe: InstructImagen | None = None,
     if pipe is None:
         pipe = load_pipeline(config.base_model, config.adapter, device=device, dtype="fp32",
                              adapter_config=adapter_config_of(config))
+    check_training_memory(config, pipe)
     output_dir = Path(config.output_dir)
     with training_folder_lock(output_dir):  # before anything is written there
         (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
