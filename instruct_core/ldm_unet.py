@@ -196,8 +196,8 @@ class LdmContextAttention:
         self._features.clear()
         self._states.clear()
 
-    def has_layer(self, place: tuple[str, int], block_index: int) -> bool:
-        return (tuple(place), block_index) in self.places
+    def has_layer(self, place: tuple[str, int] | None, block_index: int) -> bool:
+        return place is not None and (tuple(place), block_index) in self.places
 
     def output(self, place: tuple[str, int], block_index: int, query: torch.Tensor, rows: torch.Tensor,
                query_hw: tuple[int, int]):

@@ -10,6 +10,8 @@ positive of CFGGuider's [positive, negative]); the negative gets none.
 
 from __future__ import annotations
 
+import math
+
 import comfy.model_patcher
 import comfy.patcher_extension
 import numpy as np
@@ -173,8 +175,6 @@ def text_conditioning(clip, text: str) -> list:
 def apply_instruct_imagen(model, clip, vae, adapter_path: str | None, instruction: MultiModalInstruction,
                           strength: float, size: tuple[int, int], resize_policy: str):
     """(patched MODEL clone, positive, negative): the instruction's contexts attended to by the clone's UNet."""
-    import math
-
     if not math.isfinite(strength):
         raise InstructionError(f"strength: {strength} is not a finite number")
     adapter, shape = load_adapter_for(model, adapter_path)

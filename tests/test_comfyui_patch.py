@@ -240,3 +240,43 @@ def test_instruct_guider_matches_instruct_sampler_guidance(server, random_adapte
     joint, _ = outputs(server, ksampler_graph(2, random_adapter, cfg=CFG))
     assert mean_abs_diff(image, reference) <= 1 / 255
     assert mean_abs_diff(image, joint) > 1 / 255  # the scales made a difference
+
+
+def _swap_sampler(graph: dict, node: dict) -> dict:
+    graph = json.loads(json.dumps(graph))
+    graph["sample"] = node
+    return graph
+
+
+def test_ksampler_advanced_and_sampler_custom_run_the_patch_alike(server, random_adapter):
+    """The same sampling through KSamplerAdvanced and SamplerCustom gives KSampler's latent."""
+    graph = ksampler_graph(1, random_adapter, cfg=CFG)
+    _, reference = outputs(server, graph)
+    common = {"model": ["apply", 0], "positive": ["apply", 1], "negative": ["apply", 2], "cfg": CFG,
+              "latent_image": ["empty", 0]}
+    advanced = _swap_sampler(graph, {"class_type": "KSamplerAdvanced", "inputs": {
+        **common, "add_noise": "enable", "noise_seed": 5, "steps": 4, "sampler_name": "euler", "scheduler": "normal",
+        "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}})
+    graph["sampler"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    graph["sigmas"] = {"class_type": "BasicScheduler", "inputs": {
+        "model": ["apply", 0], "scheduler": "normal", "steps": 4, "denoise": 1.0}}
+    custom = _swap_sampler(graph, {"class_type": "SamplerCustom", "inputs": {
+        **common, "add_noise": True, "noise_seed": 5, "sampler": ["sampler", 0], "sigmas": ["sigmas", 0]}})
+    for other in (advanced, custom):
+        _, latent = outputs(server, other)
+        assert torch.allclose(latent, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler,scheduler", [("dpmpp_2m_sde", "karras"), ("uni_pc", "sgm_uniform")])
+def test_other_samplers_and_schedulers_run_the_patch(server, random_adapter, sampler, scheduler):
+    graph = ksampler_graph(2, random_adapter, cfg=CFG, steps=3)
+    graph["sample"]["inputs"].update(sampler_name=sampler, scheduler=scheduler)
+    _, latent = outputs(server, graph)
+    _, fresh = outputs(server, _with_adapter(graph, "none"))
+    assert torch.isfinite(latent).all() and (latent - fresh).abs().mean() > 1e-3
+
+
+def _with_adapter(graph: dict, adapter: str) -> dict:
+    graph = json.loads(json.dumps(graph))
+    graph["apply"]["inputs"]["adapter"] = adapter
+    return graph
