@@ -128,6 +128,8 @@ COMFY = ["--server", "http://127.0.0.1:1", "--checkpoint", "x.safetensors"]
     (["comfyui", *COMFY, "--cfg", "40"], "--cfg"),
     (["comfyui", "--server", "http://127.0.0.1:1", "--checkpoint", "../x.safetensors"], "--checkpoint"),
     (["comfyui", "--server", "ftp://host", "--checkpoint", "x.safetensors"], "--server"),
+    (["comfyui", *COMFY, "--patch-contexts", "1,two"], "--patch-contexts"),
+    (["comfyui", *COMFY, "--patch-contexts", "0,9"], "--patch-contexts"),
 ])
 def test_bad_bench_values_exit_2_with_a_message(args, message, capsys):
     assert main(["speed", *args]) == 2
@@ -214,3 +216,40 @@ def test_the_random_checkpoint_has_the_shape_asked_for_and_loads_like_a_real_one
     assert [type(e).__name__ for e in loaded.text_encoders] == ["CLIPTextModel", "CLIPTextModelWithProjection"]
     with pytest.raises(FileExistsError):
         speed_comfyui.write_random_checkpoint(path, "sdxl", config_dir=config_dir)
+
+
+def test_the_patch_bench_graph_puts_apply_instruct_imagen_before_ksampler():
+    settings = speed_comfyui.ComfyBenchSettings(server="http://x", checkpoint="m.safetensors", size=256, steps=4)
+    plain = speed_comfyui.comfyui_graph(settings, seed=3)
+    for contexts in (0, 3):
+        graph = speed_comfyui.patch_graph(settings, 3, contexts)
+        apply = next(node for node, spec in graph.items() if spec["class_type"] == "ApplyInstructImagen")
+        sampler = graph[speed_comfyui.sampler_node(graph, "KSampler")]["inputs"]
+        assert [sampler[k] for k in ("model", "positive", "negative")] == [[apply, 0], [apply, 1], [apply, 2]]
+        assert {k: v for k, v in sampler.items() if k not in ("model", "positive", "negative")} == \
+            {k: v for k, v in plain["5"]["inputs"].items() if k not in ("model", "positive", "negative")}
+        builder = next(spec for spec in graph.values() if spec["class_type"] == "InstructionBuilder")["inputs"]
+        assert [builder["instruction"].count(f"[ref#{k}]") for k in range(1, contexts + 1)] == [1] * contexts
+        assert sum(spec["class_type"] == "ContextImage" for spec in graph.values()) == contexts
+
+
+def test_peak_memory_is_read_from_the_process_found_by_its_port():
+    import os
+    import socket
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        assert speed_comfyui.server_pid(f"http://127.0.0.1:{port}") == os.getpid()
+    resident = lambda: next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+                            if line.startswith("VmRSS:"))
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched, then freed: the high-water mark stays up
+    del block
+    with speed_comfyui.PeakMemory(os.getpid(), client=None, cuda=False) as memory:
+        before = resident()  # the mark was reset to what is resident now
+        assert memory.peak_bytes() < before + 16 * 2**20
+        block = torch.ones(64 * 2**20 // 4)
+        del block
+        assert memory.peak_bytes() >= before + 60 * 2**20
+    assert memory.vram_peak_bytes is None
