@@ -11,7 +11,9 @@ unchanged, so the caller catches it. Deterministic samplers ignore `noise_sample
 Notation: D = D(x, sigma), sigma' = the next sigma, r = sigma' / sigma.
 
 Starting at noise * sqrt(sigma_0^2 + 1) instead is exactly the variance-preserving x_vp = noise that diffusers'
-DDIM, DPM-Solver and UniPC schedulers start from; at Stable Diffusion's sigma_max the two differ by 0.2%.
+DDIM, DPM-Solver and UniPC schedulers start from; at Stable Diffusion's sigma_max the two differ by 0.2%. The
+pipeline starts there from the top of the schedule, as ComfyUI's samplers do (`pipeline.start_noise_scale`), so
+a seed gives the picture KSampler gives.
 
 Random noise is drawn on the CPU in float32 (from `generator`, or torch's global CPU generator) and then moved,
 so a seed gives the same image on every device and in every state dtype.

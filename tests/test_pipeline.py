@@ -6,7 +6,7 @@ from PIL import Image
 
 from instruct_core.guidance import GuidanceConfig, GuidedDenoiser
 from instruct_core.instruction import Context, InstructionError, MultiModalInstruction
-from instruct_core.pipeline import InstructImagen
+from instruct_core.pipeline import InstructImagen, start_noise_scale
 from instruct_core.samplers import SAMPLERS, SamplingCancelled
 from instruct_core.tiny import build_tiny_base
 
@@ -323,3 +323,11 @@ def test_sigma_arithmetic_is_float32_whatever_the_state_dtype():
     assert half.abs().max() > 0.001 and torch.allclose(half.float(), full, rtol=1e-2, atol=1e-4)
     assert torch.allclose(brain.float(), full, rtol=2e-2, atol=1e-4)
 
+
+
+def test_sampling_starts_from_noise_scaled_as_comfyui_scales_it():
+    """From the top of the schedule sqrt(1 + sigma^2) (KSampler at full denoise); lower down, sigma (img2img)."""
+    sigma_max = 14.6146
+    assert start_noise_scale(sigma_max, sigma_max) == pytest.approx((1 + sigma_max**2) ** 0.5, rel=1e-12)
+    assert start_noise_scale(sigma_max * (1 + 1e-6), sigma_max) == pytest.approx((1 + sigma_max**2) ** 0.5, rel=1e-5)
+    assert start_noise_scale(3.0, sigma_max) == 3.0
