@@ -12,8 +12,8 @@ It is built in three phases, all with this package's own trainer:
      encoder trained too, so that a phrasing never seen in training still reads as its description.
 Stages 1 and 2 train the adapter and, as in Instruct-Imagen, the base UNet too (`train_base` per phase): a
 frozen base draws only what pretraining showed it, plain scenes here. The pretrained base is
-kept beside the model (`ablations/text_only.safetensors`, with the text encoder it was pretrained with) as the
-text-only baseline and the start of the ablations. `python -m instruct_bench build-default` reruns it; the recipe
+kept with the harness (`weights/ablations/text_only.safetensors`, with the text encoder it was pretrained with) as
+the text-only baseline and the start of the ablations. `python -m instruct_bench build-default` reruns it; the recipe
 and measured losses are stored beside the weights in `default_model/config.json`.
 """
 
@@ -103,7 +103,11 @@ PRETRAIN_PHASES = ("pretrain", "pretrain_cooldown")
 STAGE2_PHASES = ("stage2", "stage2_focus", "stage2_cooldown", "stage2_subjects", "stage2_wording")
 TRAINING_PHASES = (*PRETRAIN_PHASES, "stage1", *STAGE2_PHASES)
 
+# The weights only the harness reads (the ablations, the pretrained base, the evaluator) live beside it, not in the
+# installed package; a build into another folder (--out) keeps them in that folder.
+HARNESS_WEIGHTS_DIR = Path(__file__).parent / "weights"
 ABLATIONS = "ablations"
+EVALUATOR = "evaluator.safetensors"
 # The pretrained base, before stages 1 and 2 trained it: the text-only baseline and the ablations' start.
 PRETRAINED_BASE = "text_only"
 VARIANT_FORMAT = "instruct-imagen-default-variant"
@@ -191,9 +195,28 @@ def _same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def harness_weights_dir(folder: Path = DEFAULT_DIR) -> Path:
+    """Where the harness's weights of the model in `folder` are kept."""
+    return HARNESS_WEIGHTS_DIR if Path(folder).resolve() == DEFAULT_DIR.resolve() else Path(folder)
+
+
+def ablations_dir(folder: Path = DEFAULT_DIR) -> Path:
+    return harness_weights_dir(folder) / ABLATIONS
+
+
+def evaluator_file(folder: Path = DEFAULT_DIR) -> Path:
+    return harness_weights_dir(folder) / EVALUATOR
+
+
 def pretrained_base_file(folder: Path = DEFAULT_DIR) -> Path:
     """Where a build whose stages train the base keeps the base as pretraining left it."""
-    return folder / ABLATIONS / f"{PRETRAINED_BASE}.safetensors"
+    return ablations_dir(folder) / f"{PRETRAINED_BASE}.safetensors"
+
+
+def trains_base(recipe: dict) -> bool:
+    """Whether a recipe's stages train the base UNet too (then the pretrained base is kept as its own file)."""
+    return any(isinstance(settings, dict) and settings.get("train_base", "adapter") != "adapter"
+               for phase, settings in recipe.items() if phase not in PRETRAIN_PHASES)
 
 
 def is_variant_file(path: Path) -> bool:
@@ -434,7 +457,9 @@ def build_evaluator(folder: Path = DEFAULT_DIR, seed: int = 0, steps: int = 1200
 
     started = time.perf_counter()
     evaluator = train_evaluator(seed=seed, steps=steps)
-    evaluator.save(folder / "evaluator.safetensors")
+    path = evaluator_file(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    evaluator.save(path)
     accuracy = {k: round(v, 4) for k, v in evaluator_accuracy(evaluator).items()}
     info = {"steps": steps, "seconds": round(time.perf_counter() - started, 1), "accuracy": accuracy}
     log(f"evaluator: {info}")
@@ -477,7 +502,7 @@ def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subje
         else:
             runs = [("stage2", name, dict(recipe["stage2"], steps=recipe["single_task_steps"],
                                           mix={variant.split(":", 1)[1]: 1.0}))]
-        path = folder / ABLATIONS / f"{name}.safetensors"
+        path = ablations_dir(folder) / f"{name}.safetensors"
         steps, seconds, trains_base = [], 0.0, False
         done = _finished_runs(path, variant, [settings for _, _, settings in runs])
         if done:

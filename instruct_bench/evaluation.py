@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from instruct_core.errors import MissingFileError
 from instruct_core.guidance import Conditioning, GuidanceConfig
 from instruct_core.models import DEFAULT_TEXT_SCALE
 
-from .build_default import DEFAULT_DIR
+from .build_default import DEFAULT_DIR, evaluator_file
 
-EVALUATOR_FILE = DEFAULT_DIR / "evaluator.safetensors"
+EVALUATOR_FILE = evaluator_file(DEFAULT_DIR)
 SINGLE_TASKS = ("edge_to_image", "subject")
 
 
@@ -50,22 +51,30 @@ class EvalSettings:
 
 
 def variant_pipe(variant: str, folder: Path = DEFAULT_DIR):
-    """An InstructImagen for an evaluation variant of the default model in `folder`."""
+    """An InstructImagen for an evaluation variant of the default model in `folder`. A variant whose weight file
+    is missing is an error naming the file, never another model in its place."""
     from instruct_core.context_unet import ContextAdapterConfig
-    from .build_default import ABLATIONS, is_variant_file, load_default, load_variant, pretrained_base_file
+
+    from .build_default import (ablations_dir, is_variant_file, load_default, load_variant, pretrained_base_file,
+                                trains_base)
 
     if variant == "full":
         return load_default(device="cpu", folder=folder)
+    config = json.loads((folder / "config.json").read_text())
     if variant == "text_only":
         pretrained = pretrained_base_file(folder)
         if pretrained.is_file():  # stages 1 and 2 trained the base too: the pretrained one, untrained adapter
             return load_variant(pretrained, device="cpu", folder=folder)
-        config = json.loads((folder / "config.json").read_text())["adapter_config"]
-        return load_default(device="cpu", adapter_config=ContextAdapterConfig.from_dict(config), folder=folder)
-    path = folder / ABLATIONS / f"{variant.replace(':', '_')}.safetensors"
+        if trains_base(config.get("build", {}).get("recipe", {})):
+            raise MissingFileError(f"variant text_only: {pretrained} is missing (the model's stages trained its "
+                                   f"base, so its own base is not the pretrained one); run `python -m instruct_bench "
+                                   f"build-default` first")
+        adapter_config = ContextAdapterConfig.from_dict(config["adapter_config"])
+        return load_default(device="cpu", adapter_config=adapter_config, folder=folder)
+    path = ablations_dir(folder) / f"{variant.replace(':', '_')}.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"variant {variant}: {path} is missing; run `python -m instruct_bench build-default "
-                                f"--phases ablations` first")
+        raise MissingFileError(f"variant {variant}: {path} is missing; run `python -m instruct_bench build-default "
+                               f"--phases ablations` first")
     if is_variant_file(path):
         return load_variant(path, device="cpu", folder=folder)
     return load_default(device="cpu", adapter=str(path), folder=folder)
@@ -75,7 +84,8 @@ def load_evaluator():
     from .metrics import Evaluator
 
     if not EVALUATOR_FILE.is_file():
-        raise FileNotFoundError(f"evaluator: {EVALUATOR_FILE} is missing; run `python -m instruct_bench build-default`")
+        raise MissingFileError(f"evaluator: {EVALUATOR_FILE} is missing; run `python -m instruct_bench build-default "
+                               f"--phases evaluator`")
     return Evaluator.load(EVALUATOR_FILE)
 
 

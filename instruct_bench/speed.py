@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from instruct_core.context_attention import ContextState
 from instruct_core.context_unet import ContextAugmentedUNet
+from instruct_core.errors import InstructImagenError
 from instruct_core.guidance import Conditioning, GuidanceConfig, GuidedDenoiser
 from instruct_core.instruction import DEFAULT_MODALITIES
 from instruct_core.loading import BaseModel, resolve_device, shipped_config_dir
@@ -69,7 +70,7 @@ CPU_ATTENTION_FLOPS = {
 CONTEXT_SEED_OFFSET = 7919  # context latents draw from their own stream, not the prompt's
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(InstructImagenError, ValueError):
     """Settings that cannot be benchmarked on this machine."""
 
 

@@ -3,6 +3,7 @@
 Nothing in this package imports ComfyUI; `nodes/` adapts it. Heavy parts (torch, diffusers) load on first use.
 """
 
+from .errors import InstructImagenError, MissingFileError
 from .instruction import (
     DEFAULT_MODALITIES,
     Context,
@@ -23,8 +24,8 @@ _LAZY = {
     "SAMPLERS": "samplers", "SamplingCancelled": "samplers",
 }
 
-__all__ = ["DEFAULT_MODALITIES", "Context", "InstructionError", "InstructionWarning", "MultiModalInstruction",
-           "load_instruction", "save_instruction", *_LAZY]
+__all__ = ["DEFAULT_MODALITIES", "Context", "InstructImagenError", "MissingFileError", "InstructionError",
+           "InstructionWarning", "MultiModalInstruction", "load_instruction", "save_instruction", *_LAZY]
 
 
 def __getattr__(name):

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from .context_unet import (BaseLayout, ContextAdapter, ContextAdapterConfig, ContextAugmentedUNet, base_fingerprint,
                            fingerprint_digest)
+from .errors import InstructImagenError
 
 ADAPTER_FORMAT = "instruct-imagen-adapter"
 ADAPTER_FORMAT_VERSION = 1
@@ -25,7 +26,7 @@ MAX_ENCODE_TIMESTEP = 9999  # training schedules have 1000 steps
 MAX_HEAD_DIM = 4096
 
 
-class AdapterError(ValueError):
+class AdapterError(InstructImagenError, ValueError):
     """An adapter file that cannot be used: unreadable, not an adapter, or made for another base."""
 
 

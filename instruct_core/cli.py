@@ -12,20 +12,22 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import InstructImagenError
+
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 # torch generators take seeds in [-2**63, 2**64 - 1]; generation also uses seed + 1
 SEED_RANGE = (-(2**63), 2**64 - 2)
 
 
-class UsageError(ValueError):
+class UsageError(InstructImagenError, ValueError):
     """A command-line value that cannot be used."""
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default",
                         help="base model: a single-file .safetensors checkpoint, a diffusers folder, 'default' "
-                             "(the bundled model, or 'tiny' until one is bundled) or 'tiny' (small, random weights)")
+                             "(the bundled model) or 'tiny' (small, random weights)")
     parser.add_argument("--adapter", default=None, help="context adapter .safetensors (default: a fresh one)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
@@ -237,18 +239,6 @@ def check_at_most(flag: str, value: int | None, maximum: int) -> None:
         raise UsageError(f"{flag}: {value} must be at most {maximum}")
 
 
-def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    from .adapter_io import AdapterError
-    from .instruction import InstructionError
-    from .train.data import DataError
-    from .loading import ModelLoadError
-    from .train.config import ConfigError
-    from .train.trainer import TrainingError
-
-    return (UsageError, InstructionError, AdapterError, ModelLoadError, FileNotFoundError, ConfigError, DataError,
-            TrainingError)
-
-
 COMMANDS = {"generate": run_generate, "train": run_train, "demo": run_demo}
 
 
@@ -262,7 +252,7 @@ def run_command(parser: argparse.ArgumentParser, commands: dict, argv: list[str]
     args = parser.parse_args(argv)
     try:
         return commands[args.command](args)
-    except _bad_input_errors() as error:
+    except InstructImagenError as error:  # bad input, an unusable or missing file: the library says which
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as error:  # the machine, not the input: a full disk, a permission, a lost mount

@@ -26,8 +26,10 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from .errors import InstructImagenError
 
-class ClientError(Exception):
+
+class ClientError(InstructImagenError):
     """The run could not be done; `code` is the exit status to report."""
 
     def __init__(self, message: str, code: int = 1):

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .errors import InstructImagenError
+
 __all__ = [
     "DEFAULT_MAX_CONTEXTS",
     "DEFAULT_MODALITIES",
@@ -95,7 +97,7 @@ _CONTEXT_KEYS = {
 }
 
 
-class InstructionError(ValueError):
+class InstructionError(InstructImagenError, ValueError):
     """An instruction is malformed; the message starts with the field at fault."""
 
 

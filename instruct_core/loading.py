@@ -35,6 +35,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .errors import InstructImagenError
+
 __all__ = [
     "BaseModel",
     "CLIP_TOKENIZER_DIR",
@@ -84,7 +86,7 @@ TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 TOKENIZER_NAMES = ("tokenizer", "tokenizer_2")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(InstructImagenError, ValueError):
     """A model file or folder cannot be loaded; the message names the path and the problem."""
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import MissingFileError
 from .pipeline import InstructImagen
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
@@ -51,6 +52,10 @@ def load_default(adapter: str | None = None, device: str = "auto", dtype: str = 
     from .context_unet import ContextAdapterConfig, ContextAugmentedUNet
     from .loading import resolve_device, resolve_dtype
 
+    for path in (folder / "config.json", folder / DEFAULT_WEIGHTS):
+        if not path.is_file():
+            raise MissingFileError(f"default model: {path} is missing (a checkout without its weights, or an "
+                                   f"install that left out the package data)")
     config = json.loads((folder / "config.json").read_text())
     base = build_default_base(config["architecture"])
     tensors = load_file(str(folder / DEFAULT_WEIGHTS))
@@ -78,9 +83,9 @@ def load_pipeline(model: str = "default", adapter: str | None = None, device: st
     """An InstructImagen from a model name or path and an optional adapter file (or a fresh adapter's config)."""
     from .loading import load_base, resolve_device, resolve_dtype
 
-    if model == "default" and default_model_available():
+    if model == "default":
         return load_default(adapter=adapter, device=device, dtype=dtype, adapter_config=adapter_config)
-    if model in BUILTIN_MODELS:
+    if model == "tiny":
         from .tiny import build_tiny_base
 
         target_device = resolve_device(device)

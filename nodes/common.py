@@ -20,7 +20,8 @@ import torch
 from comfy_api.latest import io
 from PIL import Image
 
-from ..instruct_core.instruction import Context, InstructionError
+from ..instruct_core.errors import InstructImagenError
+from ..instruct_core.instruction import Context
 
 CATEGORY = "Instruct-Imagen"
 
@@ -117,22 +118,12 @@ class EncodedInstruction:
     summary: dict = field(default_factory=dict)
 
 
-def _library_errors() -> tuple[type[BaseException], ...]:
-    from ..instruct_core.adapter_io import AdapterError
-    from ..instruct_core.train.data import DataError
-    from ..instruct_core.loading import ModelLoadError
-    from ..instruct_core.train.config import ConfigError
-    from ..instruct_core.train.trainer import TrainingError
-
-    return (InstructionError, AdapterError, ModelLoadError, ConfigError, DataError, TrainingError)
-
-
 @contextlib.contextmanager
 def node_errors():
     """Library errors surface as ValueError with the library's message: one clear line in the UI."""
     try:
         yield
-    except _library_errors() as error:
+    except InstructImagenError as error:
         raise ValueError(str(error)) from None
 
 

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import InstructImagenError
+
 MAX_RESOLUTION = 4096          # the instruction format's image limit is 4096 x 4096 pixels
 MAX_BATCH_PIXELS = 2**26       # pixels per micro-batch (64 images of 1024 x 1024): beyond any one GPU
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
-class ConfigError(ValueError):
+class ConfigError(InstructImagenError, ValueError):
     """A training configuration value that cannot be used; the message names the key."""
 
 

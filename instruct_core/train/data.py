@@ -32,6 +32,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..errors import InstructImagenError
 from ..instruction import IMAGE_FORMATS, MAX_IMAGE_FILE_BYTES, MAX_IMAGE_PIXELS, MultiModalInstruction, to_rgb
 from ..instruction import _is_inside, strict_realpath
 
@@ -66,7 +67,7 @@ SKIP_REASONS = {
 }
 
 
-class DataError(ValueError):
+class DataError(InstructImagenError, ValueError):
     """A dataset cannot be used at all; the message names the source."""
 
 

@@ -23,12 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpointing import list_checkpoints, load_checkpoint, recover_checkpoints, save_checkpoint
 from ..context_attention import ContextState
-from .data import TrainingExample
+from ..errors import InstructImagenError
 from ..instruction import prepare_context_image, prepare_mask
 from ..pipeline import InstructImagen, pil_to_tensor
+from .checkpointing import list_checkpoints, load_checkpoint, recover_checkpoints, save_checkpoint
 from .config import TrainConfig
+from .data import TrainingExample
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -39,7 +40,7 @@ def is_out_of_memory(error: BaseException) -> bool:
     return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
-class TrainingError(RuntimeError):
+class TrainingError(InstructImagenError, RuntimeError):
     """Training stopped for a reason the user can act on; the last good checkpoint is intact."""
 
 
