@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +29,13 @@ from safetensors.torch import load_file, save_file
 
 from instruct_core import models
 from instruct_core.models import load_default
+from instruct_core.progress import Progress
+
+ProgressFactory = Callable[[str, int], Progress]  # (what, total steps) -> its progress display
+
+
+def no_progress(desc: str, total: int) -> Progress:
+    return Progress(total, desc, enabled=False)
 
 DEFAULT_DIR = models.DEFAULT_MODEL_DIR
 WEIGHTS = models.DEFAULT_WEIGHTS
@@ -278,9 +286,10 @@ def _trainer_config(phase: dict, output_dir: Path, seed: int, train_base: str):
 
 
 def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"), recipe: dict = RECIPE,
-          phases: tuple[str, ...] | None = None, progress=None, log=print) -> dict:
+          phases: tuple[str, ...] | None = None, progress: ProgressFactory = no_progress, log=print) -> dict:
     """Train the default model from scratch and save it; returns what was measured. `phases` (default: every
-    training phase the recipe has) run in their fixed order; later phases continue from the saved model."""
+    training phase the recipe has) run in their fixed order; later phases continue from the saved model.
+    `progress(phase, steps)` gives each phase's progress display."""
     from .tasks import BenchmarkTaskDataset, stage1_items
     from instruct_core.train.checkpointing import list_checkpoints
     from instruct_core.context_unet import ContextAdapterConfig, ContextAugmentedUNet
@@ -326,7 +335,8 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
             dataset = instruction_dataset(phase, settings, seed)
             train_base = settings.get("train_base", "adapter")
         config = _trainer_config(settings, work_dir / phase, seed, train_base)
-        trainer = Trainer(config, pipe, dataset, progress=progress)
+        bar = progress(phase, settings["steps"])
+        trainer = Trainer(config, pipe, dataset, progress=bar.trainer_callback)
         later_runs = [work_dir / name / RUN_RECORD for name in TRAINING_PHASES[TRAINING_PHASES.index(phase) + 1:]]
         claim_work_dir(trainer.checkpoint_dir, run_identity(phase, settings, seed, pipe, train_base), later_runs)
         if phase not in PRETRAIN_PHASES and train_base != "adapter" and not pretrained_base.is_file():
@@ -336,7 +346,8 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
         earlier = measured["phases"].get(phase) if list_checkpoints(trainer.checkpoint_dir) else None
         # a finished phase run longer starts from its own result: its loss before is the first run's
         before = earlier["probe_loss_before"] if earlier else trainer.held_out_loss(probe)
-        result = trainer.run(resume=True)  # an interrupted build goes on
+        with bar:
+            result = trainer.run(resume=True)  # an interrupted build goes on
         if phase != "pretrain":
             record_finished(trainer.checkpoint_dir, pipe)
         pipe.base.unet.requires_grad_(False)
@@ -451,12 +462,15 @@ def probe_examples(dataset, size: int = PROBE_SIZE) -> list:
     return [dataset[len(dataset) - 1 - i] for i in range(min(size, len(dataset)))]
 
 
-def build_evaluator(folder: Path = DEFAULT_DIR, seed: int = 0, steps: int = 1200, log=print) -> dict:
+def build_evaluator(folder: Path = DEFAULT_DIR, seed: int = 0, steps: int = 1200, log=print,
+                    progress: ProgressFactory = no_progress) -> dict:
     """Train the benchmark's evaluator (the measuring instrument) and store it beside the model."""
     from .metrics import evaluator_accuracy, train_evaluator
 
     started = time.perf_counter()
-    evaluator = train_evaluator(seed=seed, steps=steps)
+    with progress("evaluator", steps) as bar:
+        evaluator = train_evaluator(seed=seed, steps=steps,
+                                    log=lambda step, loss: bar.set(step + 1, loss=f"{loss:.4f}"))
     path = evaluator_file(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     evaluator.save(path)
@@ -472,7 +486,8 @@ def build_evaluator(folder: Path = DEFAULT_DIR, seed: int = 0, steps: int = 1200
 
 
 def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subject"), folder: Path = DEFAULT_DIR,
-                    work_dir: Path = Path("runs/default_model"), recipe: dict = RECIPE, log=print) -> dict:
+                    work_dir: Path = Path("runs/default_model"), recipe: dict = RECIPE, log=print,
+                    progress: ProgressFactory = no_progress) -> dict:
     """The evaluation's ablations, each trained from the default model's pretrained base: an adapter file
     when the recipe trains the adapter alone, a variant file (`save_variant`) when it trains the base too.
     `no_stage1` spends stage 1's steps on stage 2 and then runs the same later stage-2 phases (focus, cooldown,
@@ -512,10 +527,12 @@ def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subje
         for phase, run_name, settings in runs[done:]:
             train_base = settings.get("train_base", "adapter")
             trains_base |= train_base != "adapter"
+            bar = progress(run_name, settings["steps"])
             trainer = Trainer(_trainer_config(settings, work_dir / run_name, seed, train_base), pipe,
-                              instruction_dataset(phase, settings, seed))
+                              instruction_dataset(phase, settings, seed), progress=bar.trainer_callback)
             claim_work_dir(trainer.checkpoint_dir, run_identity(run_name, settings, seed, pipe, train_base))
-            result = trainer.run(resume=True)  # an interrupted ablation goes on
+            with bar:
+                result = trainer.run(resume=True)  # an interrupted ablation goes on
             record_finished(trainer.checkpoint_dir, pipe)
             steps.append(result.step)
             seconds += result.report["train_seconds"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from instruct_core.cli import (UsageError, add_model_arguments, check_at_least, check_at_most, check_guidance_scales,
                                check_seed, chosen_names, run_command)
+from instruct_core.progress import Progress
 
 # `build-default --scale` multiplies every phase's steps; the bundled recipe at 100 times is weeks on a CPU
 MAX_BUILD_SCALE = 100.0
@@ -161,13 +162,14 @@ def run_build_default(args) -> int:
     if unknown:
         raise UsageError(f"--phases: unknown phase {unknown[0]!r} (known: {', '.join(known)})")
     log = lambda line: print(line, flush=True)
+    progress = lambda what, steps: Progress(steps, what)
     training = tuple(p for p in TRAINING_PHASES if p in phases)
     if training:
-        build(folder, Path(args.work_dir), recipe, phases=training, log=log)
+        build(folder, Path(args.work_dir), recipe, phases=training, log=log, progress=progress)
     if "evaluator" in phases:
-        build_evaluator(folder, log=log)
+        build_evaluator(folder, log=log, progress=progress)
     if "ablations" in phases:
-        build_ablations(folder=folder, work_dir=Path(args.work_dir), recipe=recipe, log=log)
+        build_ablations(folder=folder, work_dir=Path(args.work_dir), recipe=recipe, log=log, progress=progress)
     return 0
 
 
@@ -193,8 +195,9 @@ def run_eval(args) -> int:
         raise UsageError(f"--jobs: {args.jobs} must be at least 1")
     cache = Path(args.cache) if args.cache else None
     reused: list = []
-    results = evaluate(variants, tasks, settings, log=lambda line: print(line, flush=True), jobs=args.jobs,
-                       cache=cache, reused=reused)
+    with Progress(len(variants) * len(tasks), "eval", "score", every_s=0) as progress:
+        results = evaluate(variants, tasks, settings, log=progress.write, jobs=args.jobs, cache=cache,
+                           reused=reused, progress=progress.update)
     path = write_results(results, settings, [t for t in tasks if t in IN_DOMAIN_TASKS],
                          [t for t in tasks if t in ZERO_SHOT_TASKS], results_file(args.out), this_command(),
                          time.perf_counter() - started, reused=len(reused))
@@ -223,7 +226,8 @@ def run_speed(args) -> int:
         check_at_most(flag, value, 1000)
     common = dict(size=args.size, device=args.device, dtype=args.dtype, steps=args.steps, warmup=args.warmup,
                   command=this_command())
-    log = lambda line: print(line, file=sys.stderr, flush=True)
+    progress = Progress(0, f"speed {args.speed_kind}", "run")
+    log = lambda line: progress.write(line, file=sys.stderr)
     try:
         if args.speed_kind == "sample":
             check_at_least("--repeats", args.repeats, 1)
@@ -231,7 +235,7 @@ def run_speed(args) -> int:
                 batches=int_list("--batch", args.batch, 1, MAX_SPEED_BATCH),
                 contexts=int_list("--contexts", args.contexts, 0, MAX_SPEED_CONTEXTS),
                 repeats=args.repeats, compile=args.compile, profile=args.profile, **common)
-            report = speed.bench_sample(settings, log)
+            report = speed.bench_sample(settings, log, progress.follow)
             text = speed.format_sample_report(report)
         else:
             check_at_least("--batch", args.batch, 1)
@@ -242,10 +246,12 @@ def run_speed(args) -> int:
             if not modes or set(modes) - set(speed.TRAIN_MODES):
                 raise UsageError(f"--modes: {args.modes!r} must list adapter and/or full")
             settings = speed.TrainBenchSettings(batch=args.batch, modes=modes, contexts=args.contexts, **common)
-            report = speed.bench_train(settings, log)
+            report = speed.bench_train(settings, log, progress.follow)
             text = speed.format_train_report(report)
     except speed.BenchmarkError as error:
         raise UsageError(str(error)) from None
+    finally:
+        progress.close()
     print(text)
     if args.json:
         print(speed.write_json(report, args.json))
@@ -322,8 +328,10 @@ def run_demo(args) -> int:
     check_seed(args.seed)
     pipe = load_pipeline(args.model, args.adapter, args.device, args.dtype)
     examples = benchmark_examples(tasks, args.seed, pipe.native_size)
-    print(write_demo(pipe, Path(args.out), examples, seed=args.seed, steps=args.steps,
-                     log=lambda line: print(line, flush=True)))
+    with Progress(len(examples), "demo", "image") as progress:
+        sheet = write_demo(pipe, Path(args.out), examples, seed=args.seed, steps=args.steps, log=progress.write,
+                           progress=progress.follow)
+    print(sheet)
     return 0
 
 

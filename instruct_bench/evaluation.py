@@ -115,13 +115,14 @@ def bootstrap_interval(values, seed: int = 0, resamples: int = 1000) -> tuple[fl
 
 
 def evaluate(variants: list[str], tasks: list[str], settings: EvalSettings, log=print, jobs: int = 1,
-             cache: Path | None = None, reused: list | None = None) -> dict:
+             cache: Path | None = None, reused: list | None = None, progress=None) -> dict:
     """Scores of every variant on every task: {variant: {task: {metric: [mean, low, high]}}}. With `jobs` > 1
     the variants are scored in that many processes of one thread each (the same numbers: every draw is seeded).
     With a `cache` folder, scores kept there under the same key are reused and new ones are kept; `reused`,
-    if given, collects the (variant, task) pairs read from the cache."""
+    if given, collects the (variant, task) pairs read from the cache. `progress(n)`, if given, is called with
+    the number of (variant, task) scores just finished."""
     if jobs > 1 and len(variants) > 1:
-        return _evaluate_in_processes(variants, tasks, settings, jobs, cache, reused)
+        return _evaluate_in_processes(variants, tasks, settings, jobs, cache, reused, progress)
     from .metrics import score_batch
     from .tasks import make_split
 
@@ -154,6 +155,8 @@ def evaluate(variants: list[str], tasks: list[str], settings: EvalSettings, log=
             results[variant][task] = summary
             log(f"{variant:>20} {task:<18} O={summary['overall'][0]:.3f} SC={summary['sc'][0]:.3f} "
                 f"PQ={summary['pq'][0]:.3f} ({took})")
+            if progress is not None:
+                progress(1)
     return results
 
 
@@ -214,18 +217,21 @@ def _keep(cache: Path, variant: str, task: str, key: str, summary: dict) -> None
 
 
 def _evaluate_in_processes(variants: list[str], tasks: list[str], settings: EvalSettings, jobs: int,
-                           cache: Path | None, reused: list | None) -> dict:
+                           cache: Path | None, reused: list | None, progress=None) -> dict:
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
     with ProcessPoolExecutor(min(jobs, len(variants)), mp_context=context, initializer=_one_thread) as pool:
-        parts = pool.map(_evaluate_one, [(variant, tasks, settings, cache) for variant in variants])
+        parts = [pool.submit(_evaluate_one, (variant, tasks, settings, cache)) for variant in variants]
         merged = {}
-        for part, part_reused in parts:
+        for finished in as_completed(parts):
+            part, part_reused = finished.result()
             merged.update(part)
             if reused is not None:
                 reused.extend(part_reused)
+            if progress is not None:
+                progress(len(tasks))
     return {variant: merged[variant] for variant in variants}
 
 

@@ -576,17 +576,19 @@ def run_case(setup: BenchSetup, case: SampleCase, inputs: SampleInputs, settings
 
 
 def measure_cases(setup: BenchSetup, cases: list[SampleCase], inputs: SampleInputs, settings: SampleBenchSettings,
-                  steps: int, log: Callable[[str], None]) -> None:
+                  steps: int, log: Callable[[str], None], advance: Callable[[], None] = lambda: None) -> None:
     """Warm-up generations, then `repeats` rounds over all cases in turn, so that a slow spell of a shared
     machine spreads over every case rather than landing on one."""
     for case in cases:
         for _ in range(settings.warmup):
             run_case(setup, case, inputs, settings, steps)
+            advance()
     for round_index in range(settings.repeats):
         for case in cases:
             reset_peak_memory(setup.device)
             case.runs.append(run_case(setup, case, inputs, settings, steps))
             case.peak_memory = max(case.peak_memory, peak_memory_bytes(setup.device))
+            advance()
         log(f"  batch {inputs.batch}: round {round_index + 1}/{settings.repeats} done")
 
 
@@ -658,7 +660,9 @@ def compile_unet(setup: BenchSetup, log: Callable[[str], None]) -> bool:
     return True
 
 
-def bench_sample(settings: SampleBenchSettings, log: Callable[[str], None] = print) -> dict:
+def bench_sample(settings: SampleBenchSettings, log: Callable[[str], None] = print,
+                 progress: Callable[[int, int], None] | None = None) -> dict:
+    """The sampling benchmark's report; `progress(done, total)` follows its timed and warm-up generations."""
     device = bench_device(settings.device)
     dtype = bench_dtype(settings.dtype, device)
     steps = settings.steps or DEFAULT_SAMPLE_STEPS[settings.size]
@@ -666,9 +670,18 @@ def bench_sample(settings: SampleBenchSettings, log: Callable[[str], None] = pri
     setup = build_setup(settings.size, device, dtype, settings.seed, max(settings.contexts))
     peak = measure_peak_flops(device)
     rows, encoding, profiles = [], [], {}
+    runs = sum(len(sample_cases(settings, batch)) for batch in settings.batches) * (settings.warmup + settings.repeats)
+    done = 0
+
+    def advance() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, runs)
+
     for batch in settings.batches:
         inputs = sample_inputs(setup, batch, settings.seed)
-        batch_rows = measure_batch(setup, inputs, settings, steps, peak["flops_per_s"], log)
+        batch_rows = measure_batch(setup, inputs, settings, steps, peak["flops_per_s"], log, advance)
         rows += batch_rows
         encoding += [measure_encoding(setup, inputs, k, settings, find_row(batch_rows, contexts=k)["encode_s"])
                      for k in settings.contexts if k > 0]
@@ -688,9 +701,10 @@ def bench_sample(settings: SampleBenchSettings, log: Callable[[str], None] = pri
 
 
 def measure_batch(setup: BenchSetup, inputs: SampleInputs, settings: SampleBenchSettings, steps: int,
-                  peak_flops: float, log: Callable[[str], None]) -> list[dict]:
+                  peak_flops: float, log: Callable[[str], None], advance: Callable[[], None] = lambda: None
+                  ) -> list[dict]:
     cases = sample_cases(settings, inputs.batch)
-    measure_cases(setup, cases, inputs, settings, steps, log)
+    measure_cases(setup, cases, inputs, settings, steps, log, advance)
     for case in cases:
         count_case_flops(setup, case, inputs, settings, steps)
     return [case_row(case, peak_flops) for case in cases]
@@ -998,17 +1012,21 @@ def measure_train_case(setup: BenchSetup, path: str, mode: str, k: int, settings
             "trainable_params": sum(p.numel() for p in params)}
 
 
-def bench_train(settings: TrainBenchSettings, log: Callable[[str], None] = print) -> dict:
+def bench_train(settings: TrainBenchSettings, log: Callable[[str], None] = print,
+                progress: Callable[[int, int], None] | None = None) -> dict:
+    """The training benchmark's report; `progress(done, total)` follows its cases."""
     device = bench_device(settings.device)
     dtype = bench_dtype(settings.dtype, device)
     steps = settings.steps or DEFAULT_TRAIN_STEPS[settings.size]
     log(f"building a random-weight {settings.size} UNet on {device} ({dtype_name(dtype)})")
     setup = build_setup(settings.size, device, dtype, settings.seed, settings.contexts)
     peak = measure_peak_flops(device)
-    rows = []
-    for path, mode, k in train_cases(settings):
+    rows, cases = [], train_cases(settings)
+    for path, mode, k in cases:
         log(f"  training: {path} {mode} K={k}")
         rows.append(measure_train_case(setup, path, mode, k, settings, dtype, steps, peak["flops_per_s"]))
+        if progress is not None:
+            progress(len(rows), len(cases))
     return {
         "kind": "train", "command": settings.command, "environment": environment(device, dtype),
         "settings": {**asdict(settings), "steps": steps, "latent_shape": list(setup.latent_shape),

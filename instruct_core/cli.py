@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .errors import InstructImagenError
+from .progress import Progress
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -76,17 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tasks", default="all", help="comma-separated example names (one per task), or all")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--steps", type=int, default=12)
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
 
     return parser
-
-
-def _progress_callback(total: int, quiet: bool):
-    if quiet:
-        return None, lambda: None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, unit="step", file=sys.stderr)
-    return (lambda info: bar.update(1)), bar.close
 
 
 def _load_init_image(path: str, width: int, height: int):
@@ -156,13 +149,11 @@ def run_generate(args) -> int:
     pipe.check_memory(width, height, args.batch, 4 if contexts else 2, contexts, field="--batch")
     init = _load_init_image(args.init_image, width, height) if args.init_image else None
     guidance = GuidanceConfig(text_scale=args.cfg_text, context_scale=args.cfg_context, mode=args.guidance)
-    callback, close = _progress_callback(args.steps, args.quiet)
-    try:
+    with Progress(args.steps, "generate", enabled=not args.quiet) as progress:
         result = pipe.generate(instruction, seed=args.seed, steps=args.steps, sampler=args.sampler,
                                schedule=args.schedule, guidance=guidance, width=width, height=height,
-                               batch_size=args.batch, init_image=init, denoise=args.denoise, callback=callback)
-    finally:
-        close()
+                               batch_size=args.batch, init_image=init, denoise=args.denoise,
+                               callback=lambda info: progress.update())
     for path in save_images(result.images, out):
         print(path)
     return 0
@@ -181,24 +172,11 @@ def run_train(args) -> int:
         stop["requested"] = True
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    bar = None
-    if not args.quiet:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.train.steps, unit="step", file=sys.stderr)
-
-    def progress(step, total, loss):
-        if bar is not None:
-            bar.n = step
-            bar.set_postfix(loss=f"{loss:.4f}")
-            bar.refresh()
-
     try:
-        result = run_training(config, progress=progress, cancel=lambda: stop["requested"], resume=args.resume,
-                              device=args.device)
+        with Progress(config.train.steps, "train", enabled=not args.quiet) as progress:
+            result = run_training(config, progress=progress.trainer_callback, cancel=lambda: stop["requested"],
+                                  resume=args.resume, device=args.device)
     finally:
-        if bar is not None:
-            bar.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     state = "stopped early" if result.cancelled else "done"
@@ -215,8 +193,10 @@ def run_demo(args) -> int:
     check_at_least("--steps", args.steps, 1)
     check_seed(args.seed)
     pipe = load_pipeline(args.model, args.adapter, args.device, args.dtype)
-    print(write_demo(pipe, Path(args.out), shipped_examples(names), seed=args.seed, steps=args.steps,
-                     log=lambda line: print(line, flush=True)))
+    with Progress(len(names), "demo", "image", enabled=not args.quiet) as progress:
+        sheet = write_demo(pipe, Path(args.out), shipped_examples(names), seed=args.seed, steps=args.steps,
+                           log=progress.write, progress=progress.follow)
+    print(sheet)
     return 0
 
 

@@ -94,10 +94,12 @@ def test_cli_bench_sample_writes_the_json(tmp_path, capsys):
     assert code == 0
     report = json.loads(out.read_text())
     assert report["kind"] == "sample" and [r["path"] for r in report["rows"]] == ["diffusers", "ours"]
-    assert "Instruct-Imagen sampling benchmark" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "Instruct-Imagen sampling benchmark" in captured.out
+    assert "speed sample: 2/2 run" in captured.err  # piped: plain progress lines
 
 
-def test_cli_bench_train_writes_the_json(tmp_path):
+def test_cli_bench_train_writes_the_json(tmp_path, capsys):
     out = tmp_path / "train.json"
     code = main(["speed", "train", "--device", "cpu", "--batch", "1", "--steps", "1", "--warmup", "0",
                  "--json", str(out)])
@@ -108,6 +110,7 @@ def test_cli_bench_train_writes_the_json(tmp_path):
     assert all(r["flops_per_step"] > 0 and r["images_per_s"] > 0 for r in rows)
     adapter, _, full, _ = rows
     assert adapter["trainable_params"] < full["trainable_params"]
+    assert "speed train: 4/4 run" in capsys.readouterr().err
 
 
 COMFY = ["--server", "http://127.0.0.1:1", "--checkpoint", "x.safetensors"]

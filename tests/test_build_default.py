@@ -2,6 +2,7 @@
 with checkpoints that are its own."""
 
 import copy
+import io
 import json
 import shutil
 
@@ -10,6 +11,7 @@ import pytest
 from instruct_bench import build_default as dm
 from instruct_bench.tasks import BENCH_MIX
 from instruct_bench.cli import main
+from instruct_core.progress import Progress
 from instruct_core.train.trainer import TrainingError
 
 # The bundled recipe's shape at a size that trains in seconds.
@@ -32,11 +34,23 @@ SMALL = {
 }
 
 
+BUILD_PROGRESS = io.StringIO()  # what the build's progress displays wrote, as they write when piped
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("build")
-    measured = dm.build(root / "model", root / "work", copy.deepcopy(SMALL), log=lambda line: None)
+    measured = dm.build(root / "model", root / "work", copy.deepcopy(SMALL), log=lambda line: None,
+                        progress=lambda what, steps: Progress(steps, what, stream=BUILD_PROGRESS, every_s=0))
     return root, measured
+
+
+def test_every_phase_shows_its_progress(built):
+    lines = BUILD_PROGRESS.getvalue().splitlines()
+    for phase in dm.TRAINING_PHASES:
+        steps = SMALL[phase]["steps"]
+        assert [line.split(" (")[0] for line in lines if line.startswith(f"{phase}: ")] == [
+            f"{phase}: {step}/{steps} step" for step in range(1, steps + 1)], phase
 
 
 def copy_of(root, tmp_path):

@@ -65,6 +65,7 @@ def test_reduced_eval_writes_the_results_tables(tmp_path, capsys):
     code = main(["eval", "--quick", "--variants", "full,text_only", "--tasks", "edge_to_image,control_subject",
                  "--out", str(out.parent), "--jobs", "2", "--cfg-context", "3.0", "--cache", str(tmp_path / "cache")])
     assert code == 0
+    assert "eval: 4/4 score" in capsys.readouterr().err  # piped: plain progress lines
     kept = sorted(str(p.relative_to(tmp_path / "cache")) for p in (tmp_path / "cache").rglob("*.json"))
     assert kept == ["full/control_subject.json", "full/edge_to_image.json", "text_only/control_subject.json",
                     "text_only/edge_to_image.json"]  # each process kept its variant's scores
