@@ -50,18 +50,18 @@ def write_random_checkpoint(path: Path, kind: str = "sd15", seed: int = 0, confi
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from instruct_core.loading import (TEXT_ENCODER_NAMES, TOKENIZER_NAMES, BaseModel, _components, _text_encoder_class,
-                          export_single_file, load_tokenizer, shipped_config_dir)
+    from instruct_core.loading import (TEXT_ENCODER_NAMES, TOKENIZER_NAMES, BaseModel, export_single_file,
+                                       load_tokenizer, model_components, shipped_config_dir, text_encoder_class)
 
     family, shape = RANDOM_KINDS[kind]
     folder = Path(config_dir) if config_dir is not None else shipped_config_dir(family, "epsilon")
-    components = _components(folder)
+    components = model_components(folder)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder / "unet")))
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(folder / "vae")))
     text_encoders = []
     for name in (n for n in TEXT_ENCODER_NAMES if n in components):
-        cls = _text_encoder_class(components[name], folder)
+        cls = text_encoder_class(components[name], folder)
         text_encoders.append(cls(cls.config_class.from_pretrained(str(folder / name), local_files_only=True)))
     base = BaseModel(unet=unet, vae=vae, text_encoders=text_encoders,
                      tokenizers=[load_tokenizer(folder / n) for n in TOKENIZER_NAMES if n in components],

@@ -664,7 +664,7 @@ class _SourceReader:
         real = strict_realpath(candidate)
         if real is None:
             raise InstructionError(f"{field}: cannot resolve path (a symlink loop?): {_clip(source)}")
-        if not _is_inside(real, self.real_root):
+        if not is_inside(real, self.real_root):
             raise InstructionError(f"{field}: path escapes the allowed root folder: {_clip(source)}")
         return real
 
@@ -714,7 +714,7 @@ def strict_realpath(path: str) -> str | None:
         return None
 
 
-def _is_inside(path: str, folder: str) -> bool:
+def is_inside(path: str, folder: str) -> bool:
     try:
         return os.path.commonpath([folder, path]) == folder
     except ValueError:  # different drives on Windows

@@ -188,7 +188,7 @@ def _read_json(path: Path) -> dict:
         raise ModelLoadError(f"{path}: unreadable JSON ({err})") from err
 
 
-def _components(folder: Path) -> dict[str, list]:
+def model_components(folder: Path) -> dict[str, list]:
     """model_index.json entries that name a component; [null, null] marks an absent one."""
     index = _read_json(folder / "model_index.json")
     return {k: v for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is not None}
@@ -314,7 +314,7 @@ def _load_single_file(path, dtype, config_dir, prediction_type) -> BaseModel:
     checkpoint = _normalize_clip_keys(checkpoint)
     prediction = prediction_type or infer_prediction_type(checkpoint, metadata, kind)
     folder = Path(config_dir) if config_dir is not None else shipped_config_dir(kind, prediction)
-    components = _components(folder)
+    components = model_components(folder)
     for name in ("unet", "vae"):
         if name not in components:
             raise ModelLoadError(f"{folder / 'model_index.json'}: no {name} entry")
@@ -326,7 +326,7 @@ def _load_single_file(path, dtype, config_dir, prediction_type) -> BaseModel:
     vae_dtype = _vae_dtype(folder, dtype)
     vae = _from_single_file(AutoencoderKL, checkpoint, folder, "vae", vae_dtype, path)
     text_encoders = [
-        _clip_from_single_file(_text_encoder_class(components[name], folder), checkpoint, folder, name, dtype, path)
+        _clip_from_single_file(text_encoder_class(components[name], folder), checkpoint, folder, name, dtype, path)
         for name in TEXT_ENCODER_NAMES
         if name in components
     ]
@@ -388,7 +388,7 @@ def _require_loaded(module: torch.nn.Module, name: str, path) -> None:
         raise ModelLoadError(f"{path}: no weights for {len(missing)} {name} tensors (first: {missing[0]})")
 
 
-def _text_encoder_class(entry: list, folder: Path):
+def text_encoder_class(entry: list, folder: Path):
     if entry[1] not in TEXT_ENCODER_CLASSES:
         raise ModelLoadError(f"{folder / 'model_index.json'}: unsupported text encoder class {entry[1]!r}")
     return TEXT_ENCODER_CLASSES[entry[1]]
@@ -424,7 +424,7 @@ def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
 def _load_folder(folder: Path, dtype, prediction_type) -> BaseModel:
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(f"{folder}: not a diffusers model folder (no model_index.json)")
-    components = _components(folder)
+    components = model_components(folder)
     if "unet" not in components:
         raise ModelLoadError(f"{folder / 'model_index.json'}: no unet entry")
     for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
@@ -437,7 +437,7 @@ def _load_folder(folder: Path, dtype, prediction_type) -> BaseModel:
         vae_dtype = _vae_dtype(folder, dtype)
         vae = _from_pretrained(AutoencoderKL, folder, "vae", torch_dtype=vae_dtype)
     text_encoders = [
-        _from_pretrained(_text_encoder_class(components[name], folder), folder, name, dtype=dtype)
+        _from_pretrained(text_encoder_class(components[name], folder), folder, name, dtype=dtype)
         for name in TEXT_ENCODER_NAMES
         if name in components
     ]

@@ -63,3 +63,18 @@ def test_an_import_across_a_layer_breaks_the_check(pack_copy, module, line, cont
     report = " ".join(result.stdout.split())  # long contract names wrap
     assert "Broken contracts" in report, report
     assert contract in report.split("Broken contracts", 1)[1], report
+
+
+def test_no_private_name_crosses_a_module_border():
+    import ast
+
+    crossing = []
+    for package in ("instruct_core", "instruct_bench", "nodes"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                internal = isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith(
+                    ("instruct_core", "instruct_bench")))
+                if internal:
+                    crossing += [f"{path.relative_to(ROOT)}: {alias.name}" for alias in node.names
+                                 if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert crossing == []

@@ -34,7 +34,7 @@ from PIL import Image
 
 from ..errors import InstructImagenError
 from ..instruction import IMAGE_FORMATS, MAX_IMAGE_FILE_BYTES, MAX_IMAGE_PIXELS, MultiModalInstruction, to_rgb
-from ..instruction import _is_inside, strict_realpath
+from ..instruction import is_inside, strict_realpath
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -237,7 +237,7 @@ def _layout(source: str, real_root: str | None):
 
 
 def _check_source(path: str, real_root: str | None) -> None:
-    if real_root is not None and not _is_inside(strict_realpath(path) or "\0", real_root):
+    if real_root is not None and not is_inside(strict_realpath(path) or "\0", real_root):
         raise DataError(f"{path}: source is outside the allowed root folder")
 
 
@@ -358,7 +358,7 @@ _MEMBER_NAME = re.compile(r"^((?:.*/)?[^./][^/]*?)\.([^/]*)$")
 def _read_shards(source: str, real_root: str | None, max_pixels: int, report: DataReport) -> Iterator[ImageTextItem]:
     for shard in _shard_paths(source):
         name = os.path.basename(shard)
-        if real_root is not None and not _is_inside(strict_realpath(shard) or "\0", real_root):
+        if real_root is not None and not is_inside(strict_realpath(shard) or "\0", real_root):
             report.skip("outside_root", name)
             continue
         yield from _read_shard(shard, max_pixels, report)
@@ -505,7 +505,7 @@ def _confined(path: str, real_root: str | None) -> str:
     real = strict_realpath(path)
     if real is None:
         raise _Skip("missing_image")  # unresolvable (a symlink loop)
-    if not _is_inside(real, real_root):
+    if not is_inside(real, real_root):
         raise _Skip("outside_root")
     return real
 
