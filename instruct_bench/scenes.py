@@ -227,7 +227,7 @@ class Scene:
 # kind, body shape, body colour, body pattern, feature shape, feature colour, placement.
 # Kinds cycle, so the held-out last six hold one subject of every kind. Any two subjects differ in
 # at least three of the six visual attributes, and no two share shapes, pattern and placement, so
-# a subject stays identifiable when a style repaints its colours (tests/test_bench_scenes.py).
+# a subject stays identifiable when a style repaints its colours (tests/bench/test_scenes.py).
 _SUBJECT_TABLE = (
     ("robot", "square", "blue", "plain", "triangle", "yellow", "hat"),
     ("critter", "circle", "orange", "plain", "circle", "black", "ears"),

@@ -48,7 +48,7 @@ def dump(document: dict) -> str:
 
 def main() -> None:
     # The nodes import ComfyUI's modules; the test suite's stand-ins for them are enough to read the schemas.
-    sys.path.insert(0, str(ROOT / "tests" / "comfy_stub"))
+    sys.path.insert(0, str(ROOT / "tests" / "nodes" / "comfy_stub"))
     from load_pack import load_pack
 
     node_defs, main_strings = english_strings(load_pack().nodes.NODES)

@@ -1,5 +1,5 @@
 """The example workflows: only existing nodes, valid inputs, UI and API twins that agree, inputs and thumbnails
-shipped. Node definitions come from the pack's schemas (over tests/comfy_stub/) and, for the few ComfyUI
+shipped. Node definitions come from the pack's schemas (over tests/nodes/comfy_stub/) and, for the few ComfyUI
 core nodes used, from the /object_info entries of ComfyUI 0.8 copied below."""
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ try:
 except ImportError:  # not POSIX: no limits to lower; the tests that need them skip
     resource = None
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 BLUE, RED = (20, 40, 200), (220, 30, 30)  # inside a root, and the secret outside it
 
@@ -690,7 +690,7 @@ def test_dataset_source_outside_the_root_is_refused(tree):
 @pytest.fixture(scope="module")
 def comfy(tree):
     """The pack over the ComfyUI stub, its input directory pointed at the tree's root, restored after."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "comfy_stub"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nodes" / "comfy_stub"))
     from load_pack import PACK_NAME, load_pack
 
     load_pack()
@@ -916,7 +916,8 @@ def test_running_out_of_memory_ends_with_a_message_and_the_last_checkpoint(tmp_p
     """A real allocation failure (an address-space ceiling makes the CPU allocator refuse) mid-training."""
     if resource is None or not os.path.exists("/proc/self/status"):
         pytest.skip("needs POSIX address-space limits")
-    child = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY_RUN, str(REPO / "tests"), str(tmp_path)],
+    here = Path(__file__).resolve().parent  # where the child imports this module from
+    child = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY_RUN, str(here), str(tmp_path)],
                            capture_output=True, text=True, timeout=600, cwd=REPO,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # no thread pool to grow under the ceiling
     assert child.returncode == 0, child.stderr[-4000:]

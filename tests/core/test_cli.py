@@ -12,7 +12,7 @@ from PIL import Image
 
 from instruct_core.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "two_contexts"
 
 

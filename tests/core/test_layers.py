@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACK = "comfyui_instruct_imagen"  # the name pyproject.toml analyses the checkout under
 LINT = Path(sys.executable).with_name("lint-imports")
 

@@ -1,6 +1,6 @@
 """Instruct-Imagen as a patch on ComfyUI's own MODEL, in a real ComfyUI: ApplyInstructImagen with the stock
 samplers, on a random single-file SD1.5 checkpoint (the architecture and file format of a real one).
-Runs when COMFYUI_PATH and COMFYUI_PYTHON are set, as tests/test_comfyui_integration.py does."""
+Runs when COMFYUI_PATH and COMFYUI_PYTHON are set, as tests/nodes/test_comfyui_integration.py does."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,8 +43,8 @@ def random_adapter(server) -> str:
     script = ("import sys; from pathlib import Path; from test_comfyui_patch import write_random_adapter;"
               "write_random_adapter(Path(sys.argv[1]))")
     path = server.base / "models" / "instruct_imagen" / "random_sd15_adapter.safetensors"
-    subprocess.run([sys.executable, "-c", script, str(path)], cwd=ROOT / "tests", check=True, timeout=600,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    subprocess.run([sys.executable, "-c", script, str(path)], cwd=Path(__file__).resolve().parent, check=True,
+                   timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     return path.name
 
 

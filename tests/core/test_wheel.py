@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("instruct_core", "pyproject.toml", "README.md")
 # `python -m instruct_core ARGS` with the training extra's packages (pyproject's `train`) unimportable: the
 # runtime dependencies alone must run generate and the demo

@@ -1,6 +1,6 @@
 """The adapter on a UNet in the LDM layout (the one ComfyUI runs): names mapped to places, adapters loaded
 against a host's layout, and the LDM timestep features. The patch itself runs in a real ComfyUI in
-tests/test_comfyui_patch.py."""
+tests/nodes/test_comfyui_patch.py."""
 
 import re
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from instruct_core import client
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / "workflows" / "api" / "subject.json"
 PNG = io.BytesIO()
 Image.new("RGB", (4, 4), "red").save(PNG, format="PNG")

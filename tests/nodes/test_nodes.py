@@ -1,4 +1,4 @@
-"""The ComfyUI nodes called directly, over tests/comfy_stub/ (no ComfyUI installed)."""
+"""The ComfyUI nodes called directly, over tests/nodes/comfy_stub/ (no ComfyUI installed)."""
 
 from __future__ import annotations
 

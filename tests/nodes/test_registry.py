@@ -13,7 +13,7 @@ import pytest
 from packaging.specifiers import SpecifierSet
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 COMFY = PYPROJECT["tool"]["comfy"]
 NAME = PYPROJECT["project"]["name"]

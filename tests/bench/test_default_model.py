@@ -98,7 +98,7 @@ def test_a_results_page_names_the_commit_it_was_made_with():
     import shutil
     import subprocess
 
-    root = Path(__file__).parent.parent
+    root = Path(__file__).resolve().parents[2]
     if shutil.which("git") is None or not (root / ".git").exists():
         assert source_commit() == "unknown (not a git checkout)"
         return
@@ -109,7 +109,7 @@ def test_a_results_page_names_the_commit_it_was_made_with():
 
 def test_eval_defaults_are_the_settings_the_published_tables_used():
     # the README's `eval --jobs 2` reproduces docs/RESULTS.md only if nothing there needs a flag
-    published = json.loads((Path(__file__).parent.parent / "docs" / "results.json").read_text())
+    published = json.loads((Path(__file__).resolve().parents[2] / "docs" / "results.json").read_text())
     assert published["settings"] == dataclasses.asdict(EvalSettings())
     assert set(published["results"]) == set(build_parser().parse_args(["eval"]).variants.split(","))
 

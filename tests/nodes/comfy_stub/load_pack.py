@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 STUB = Path(__file__).resolve().parent
-ROOT = STUB.parent.parent
+ROOT = STUB.parents[2]
 PACK_NAME = "instruct_imagen_pack"
 
 

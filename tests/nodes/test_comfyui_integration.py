@@ -20,7 +20,7 @@ from PIL import Image
 
 from instruct_core import client
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON")
 PACK = "comfyui-instruct-imagen"  # the folder every documented install uses (docs/COMFYUI.md)

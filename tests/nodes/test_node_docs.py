@@ -1,5 +1,5 @@
 """What ComfyUI's frontend shows about each node besides its sockets: a help page, English strings and
-search aliases. The nodes load over tests/comfy_stub/ (no ComfyUI installed); tests/test_comfyui_integration.py
+search aliases. The nodes load over tests/nodes/comfy_stub/ (no ComfyUI installed); tests/nodes/test_comfyui_integration.py
 checks that a real ComfyUI serves the same files."""
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from instruct_core.tiny import build_tiny_base, tiny_tokenizer
 from instruct_core.train.trainer import StepBatches, add_filler_words, filler_words
 from instruct_core.train.config import ConfigError, config_from_dict, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COLOURS = {"red": (210, 40, 40), "blue": (40, 60, 210), "green": (40, 170, 60), "yellow": (230, 210, 40)}
 SHAPES = ("square", "circle")
 
