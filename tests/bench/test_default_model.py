@@ -114,6 +114,16 @@ def test_eval_defaults_are_the_settings_the_published_tables_used():
     assert set(published["results"]) == set(build_parser().parse_args(["eval"]).variants.split(","))
 
 
+def test_eval_writes_into_an_output_folder_and_into_docs_only_when_asked(tmp_path, monkeypatch):
+    from instruct_bench.cli import results_file
+
+    monkeypatch.chdir(tmp_path)  # a checkout's root, as the README runs it
+    path = results_file(build_parser().parse_args(["eval"]).out)
+    assert path.resolve() == tmp_path / "out" / "eval" / "RESULTS.md" and path.parent.is_dir()
+    assert not (tmp_path / "docs").exists()
+    assert results_file(build_parser().parse_args(["eval", "--out", "docs"]).out) == Path("docs") / "RESULTS.md"
+
+
 def test_eval_can_tune_on_the_training_split(tmp_path):
     out = tmp_path / "RESULTS.md"
     assert main(["eval", "--quick", "--variants", "text_only", "--tasks", "edge_to_image", "--split", "train",
