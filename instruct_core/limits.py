@@ -112,6 +112,16 @@ def check_canvas(width: int, height: int, images: int) -> None:
                                f"{LIMITS.max_pixels} pixels per call")
 
 
+def check_contexts(contexts: list, width: int, height: int) -> None:
+    """The contexts of an instruction, brought to width x height: their weights and their pixels in bounds."""
+    for index, context in enumerate(contexts):
+        check_context_weight(f"contexts[{index}].weight", context.weight)
+    check_canvas(width, height, 1)
+    if contexts and width * height * len(contexts) > LIMITS.max_pixels:
+        raise InstructionError(f"contexts: {len(contexts)} contexts of {width}x{height} exceed the limit of "
+                               f"{LIMITS.max_pixels} pixels per call")
+
+
 # -- memory -----------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -315,9 +315,8 @@ class InstructImagen:
         uses normalised positions, so the conditioning serves any output size.
         """
         instruction.validate(known_modalities=self.known_modalities, max_contexts=self.max_contexts)
-        for index, context in enumerate(instruction.contexts):
-            limits.check_context_weight(f"contexts[{index}].weight", context.weight)
         width, height = context_size or (self.native_size, self.native_size)
+        limits.check_contexts(instruction.contexts, width, height)
         self.check_size(width, height, 1)
         self.check_memory(width, height, 1, 1, len(instruction.contexts), field="contexts")
         text, pooled = self.encode_text([instruction.text, instruction.negative])

@@ -17,6 +17,7 @@ import comfy.patcher_extension
 import numpy as np
 import torch
 
+from ..instruct_core import limits
 from ..instruct_core.context_attention import add_to_rows
 from ..instruct_core.guidance import cat_text
 from ..instruct_core.instruction import (InstructionError, MultiModalInstruction, prepare_context_image,
@@ -179,6 +180,7 @@ def apply_instruct_imagen(model, clip, vae, adapter_path: str | None, instructio
         raise InstructionError(f"strength: {strength} is not a finite number")
     adapter, shape = load_adapter_for(model, adapter_path)
     instruction.validate(known_modalities=adapter.config.modalities, max_contexts=adapter.config.max_contexts)
+    limits.check_contexts(instruction.contexts, *size)
     if instruction.contexts:
         contexts = encode_context_inputs(model, clip, vae, instruction, size, resize_policy, strength)
     else:

@@ -254,3 +254,16 @@ def test_a_non_finite_result_is_an_error_and_no_image(monkeypatch):
     finally:
         with torch.no_grad():
             next(pipe.base.unet.parameters()).copy_(next(build_tiny_base(seed=0).unet.parameters()))
+
+
+def test_context_weights_and_sizes_are_bounded_for_both_paths():
+    """`limits.check_contexts` is what encode_instruction and the ComfyUI patch (ApplyInstructImagen) ask."""
+    from instruct_core.instruction import Context
+
+    context = Context(id=1, modality="subject", text="", image=Image.new("RGB", (8, 8)), weight=1e308)
+    with pytest.raises(InstructionError, match=r"^contexts\[0\]\.weight: 1e\+308 is outside \[-100, 100\]"):
+        limits.check_contexts([context], 64, 64)
+    context.weight = 1.0
+    limits.check_contexts([context] * 8, 512, 512)
+    with pytest.raises(InstructionError, match=r"^contexts: 8 contexts of 2048x2048 exceed the limit"):
+        limits.check_contexts([context] * 8, 2048, 2048)
