@@ -231,11 +231,11 @@ def run_speed(args) -> int:
     try:
         if args.speed_kind == "sample":
             check_at_least("--repeats", args.repeats, 1)
-            settings = speed.SampleBenchSettings(
+            settings = speed.SampleSpeedSettings(
                 batches=int_list("--batch", args.batch, 1, MAX_SPEED_BATCH),
                 contexts=int_list("--contexts", args.contexts, 0, MAX_SPEED_CONTEXTS),
                 repeats=args.repeats, compile=args.compile, profile=args.profile, **common)
-            report = speed.bench_sample(settings, log, progress.follow)
+            report = speed.sample_speed(settings, log, progress.follow)
             text = speed.format_sample_report(report)
         else:
             check_at_least("--batch", args.batch, 1)
@@ -245,10 +245,10 @@ def run_speed(args) -> int:
             modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
             if not modes or set(modes) - set(speed.TRAIN_MODES):
                 raise UsageError(f"--modes: {args.modes!r} must list adapter and/or full")
-            settings = speed.TrainBenchSettings(batch=args.batch, modes=modes, contexts=args.contexts, **common)
-            report = speed.bench_train(settings, log, progress.follow)
+            settings = speed.TrainSpeedSettings(batch=args.batch, modes=modes, contexts=args.contexts, **common)
+            report = speed.train_speed(settings, log, progress.follow)
             text = speed.format_train_report(report)
-    except speed.BenchmarkError as error:
+    except speed.SpeedSettingsError as error:
         raise UsageError(str(error)) from None
     finally:
         progress.close()
@@ -286,7 +286,7 @@ def run_speed_comfyui(args) -> int:
                          f"checkpoints folder")
     contexts = None if args.patch_contexts is None else context_counts(args.patch_contexts)
     log = lambda line: print(line, file=sys.stderr, flush=True)
-    settings = speed_comfyui.ComfyBenchSettings(
+    settings = speed_comfyui.ComfySpeedSettings(
         server=args.server, checkpoint=args.checkpoint, size=args.size, batch=args.batch, steps=args.steps,
         repeats=args.repeats, cfg=args.cfg, command=this_command())
     try:
@@ -300,7 +300,7 @@ def run_speed_comfyui(args) -> int:
         if contexts is not None:
             report = speed_comfyui.bench_comfyui_patch(settings, contexts, log)
         else:
-            report = speed_comfyui.bench_comfyui(settings, log)
+            report = speed_comfyui.comfyui_speed(settings, log)
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.code

@@ -70,14 +70,14 @@ CPU_ATTENTION_FLOPS = {
 CONTEXT_SEED_OFFSET = 7919  # context latents draw from their own stream, not the prompt's
 
 
-class BenchmarkError(InstructImagenError, ValueError):
+class SpeedSettingsError(InstructImagenError, ValueError):
     """Settings that cannot be benchmarked on this machine."""
 
 
 # -- settings -----------------------------------------------------------------------------------------------
 
 @dataclass
-class SampleBenchSettings:
+class SampleSpeedSettings:
     size: str = "tiny"
     device: str = "auto"
     dtype: str = "auto"
@@ -95,7 +95,7 @@ class SampleBenchSettings:
 
 
 @dataclass
-class TrainBenchSettings:
+class TrainSpeedSettings:
     size: str = "tiny"
     device: str = "auto"
     dtype: str = "auto"
@@ -111,7 +111,7 @@ class TrainBenchSettings:
 # -- the model under test -----------------------------------------------------------------------------------
 
 @dataclass
-class BenchSetup:
+class SpeedSetup:
     """A random-weight UNet of one size wrapped with a fresh context adapter, and the shapes it takes."""
 
     size: str
@@ -146,21 +146,21 @@ class BenchSetup:
         return self.unet.config.cross_attention_dim
 
 
-def bench_device(name: str) -> torch.device:
+def speed_device(name: str) -> torch.device:
     try:
         return resolve_device(name)
     except ValueError as error:
-        raise BenchmarkError(f"--device: {error}") from None
+        raise SpeedSettingsError(f"--device: {error}") from None
 
 
-def bench_dtype(name: str, device: torch.device) -> torch.dtype:
+def speed_dtype(name: str, device: torch.device) -> torch.dtype:
     """bf16 on CUDA by default (the MFU targets are bf16 figures), fp32 on the CPU."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in BENCH_DTYPES:
-        raise BenchmarkError(f"--dtype: {name!r} is not one of auto, {', '.join(BENCH_DTYPES)}")
+        raise SpeedSettingsError(f"--dtype: {name!r} is not one of auto, {', '.join(BENCH_DTYPES)}")
     if name == "fp16" and device.type == "cpu":
-        raise BenchmarkError("--dtype: fp16 is not benchmarked on the CPU (many of its kernels are missing); "
+        raise SpeedSettingsError("--dtype: fp16 is not benchmarked on the CPU (many of its kernels are missing); "
                              "use fp32 or bf16")
     return BENCH_DTYPES[name]
 
@@ -176,7 +176,7 @@ def build_unet(size: str, seed: int = 0):
         return tiny_unet(in_channels=4, sample_size=32, channels=(32, 64, 64))
     kind = {"sd15": "sd1", "sdxl": "sdxl"}.get(size)
     if kind is None:
-        raise BenchmarkError(f"--size: {size!r} is not one of {', '.join(SIZES)}")
+        raise SpeedSettingsError(f"--size: {size!r} is not one of {', '.join(SIZES)}")
     folder = shipped_config_dir(kind, "epsilon")
     return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder / "unet")))
 
@@ -200,7 +200,7 @@ def pooled_text_dim(unet) -> int | None:
 
 
 def build_setup(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0,
-                max_contexts: int = 8) -> BenchSetup:
+                max_contexts: int = 8) -> SpeedSetup:
     from instruct_core.context_unet import ContextAdapterConfig
 
     unet = build_unet(size, seed).eval()
@@ -211,7 +211,7 @@ def build_setup(size: str, device: torch.device, dtype: torch.dtype, seed: int =
     adapter_config = ContextAdapterConfig(max_contexts=max(8, max_contexts))
     model = ContextAugmentedUNet(unet, adapter_config).to(device=device, dtype=dtype).eval()
     pixel_size = unet.config.sample_size * (1 if size == "tiny" else 8)
-    return BenchSetup(size, InstructImagen(base, model), text_tokens=32 if size == "tiny" else 77,
+    return SpeedSetup(size, InstructImagen(base, model), text_tokens=32 if size == "tiny" else 77,
                       pooled_dim=pooled_text_dim(unet), pixel_size=pixel_size)
 
 
@@ -246,7 +246,7 @@ class SampleInputs:
         return Conditioning(self.text, self.null_text, None, self.added_text, self.added_null)
 
 
-def random_text(setup: BenchSetup, rows: int, generator: torch.Generator) -> tuple[torch.Tensor, dict | None]:
+def random_text(setup: SpeedSetup, rows: int, generator: torch.Generator) -> tuple[torch.Tensor, dict | None]:
     """Random prompt embeddings (rows, L, D) and, for SDXL shapes, the added conditioning of `rows`."""
     text = torch.randn(rows, setup.text_tokens, setup.text_dim, generator=generator)
     text = text.to(setup.device, setup.dtype)
@@ -256,7 +256,7 @@ def random_text(setup: BenchSetup, rows: int, generator: torch.Generator) -> tup
     return text, setup.pipe.added_cond(pooled, setup.pixel_size, setup.pixel_size)
 
 
-def sample_inputs(setup: BenchSetup, batch: int, seed: int) -> SampleInputs:
+def sample_inputs(setup: SpeedSetup, batch: int, seed: int) -> SampleInputs:
     generator = torch.Generator().manual_seed(seed)
     text, added_text = random_text(setup, batch, generator)
     null_text, added_null = random_text(setup, batch, generator)
@@ -279,7 +279,7 @@ class ContextInputs:
         return self.images.shape[0]
 
 
-def context_inputs(setup: BenchSetup, batch: int, contexts: int, seed: int) -> ContextInputs:
+def context_inputs(setup: SpeedSetup, batch: int, contexts: int, seed: int) -> ContextInputs:
     generator = torch.Generator().manual_seed(seed + CONTEXT_SEED_OFFSET)
     count = batch * contexts
     images = torch.randn(count, *setup.latent_shape, generator=generator).to(setup.device, setup.dtype)
@@ -419,7 +419,7 @@ class GenerationRun:
     unet_rows: list[int]       # rows of each UNet call
 
 
-def guidance_config(name: str, settings: SampleBenchSettings) -> GuidanceConfig:
+def guidance_config(name: str, settings: SampleSpeedSettings) -> GuidanceConfig:
     """The guidance of a row. cfg: one scale for text and contexts, so two branches (full vs null) as in
     text-to-image CFG. dual: separate text and context scales, three branches when contexts are present."""
     scale = settings.guidance_scale
@@ -427,11 +427,11 @@ def guidance_config(name: str, settings: SampleBenchSettings) -> GuidanceConfig:
     return GuidanceConfig(text_scale=scale, context_scale=context_scale, mode="dual")
 
 
-def bench_sigmas(setup: BenchSetup, steps: int) -> torch.Tensor:
+def bench_sigmas(setup: SpeedSetup, steps: int) -> torch.Tensor:
     return get_sigmas(setup.pipe.schedule, steps, "normal")
 
 
-def euler_scheduler(setup: BenchSetup, sigmas: torch.Tensor):
+def euler_scheduler(setup: SpeedSetup, sigmas: torch.Tensor):
     """diffusers' EulerDiscreteScheduler on exactly our sigmas (linspace spacing: starts at noise * sigma_max)."""
     from diffusers import EulerDiscreteScheduler
 
@@ -447,7 +447,7 @@ def euler_scheduler(setup: BenchSetup, sigmas: torch.Tensor):
 
 
 @torch.no_grad()
-def run_ours(setup: BenchSetup, inputs: SampleInputs, contexts: ContextInputs | None, guidance: GuidanceConfig,
+def run_ours(setup: SpeedSetup, inputs: SampleInputs, contexts: ContextInputs | None, guidance: GuidanceConfig,
              steps: int) -> GenerationRun:
     """One generation the way InstructImagen.sample runs it: contexts encoded once, then Euler over
     GuidedDenoiser, every guidance branch in one UNet call per step."""
@@ -481,7 +481,7 @@ def cfg_conditioning(inputs: SampleInputs) -> tuple[torch.Tensor, dict | None]:
 
 
 @torch.no_grad()
-def run_diffusers(setup: BenchSetup, inputs: SampleInputs, guidance_scale: float, steps: int) -> GenerationRun:
+def run_diffusers(setup: SpeedSetup, inputs: SampleInputs, guidance_scale: float, steps: int) -> GenerationRun:
     """The classic diffusers CFG loop on the plain UNet: cat([x] * 2), scale_model_input, unet, guidance,
     scheduler.step, with latents in the UNet's dtype as diffusers' pipelines keep them."""
     device = setup.device
@@ -516,7 +516,7 @@ def merge_last_update(intervals: list[float]) -> list[float]:
     return intervals[:-2] + [intervals[-2] + intervals[-1]]
 
 
-def denoiser_call_flops(setup: BenchSetup, inputs: SampleInputs, contexts: ContextInputs | None,
+def denoiser_call_flops(setup: SpeedSetup, inputs: SampleInputs, contexts: ContextInputs | None,
                         guidance: GuidanceConfig, steps: int) -> int:
     """FLOPs of one steady-state step of our path (the second call: context keys/values already cached)."""
     with torch.no_grad():
@@ -532,7 +532,7 @@ def denoiser_call_flops(setup: BenchSetup, inputs: SampleInputs, contexts: Conte
         return count_flops(lambda: guided(x, sigma))
 
 
-def diffusers_step_flops(setup: BenchSetup, inputs: SampleInputs) -> int:
+def diffusers_step_flops(setup: SpeedSetup, inputs: SampleInputs) -> int:
     text, added = cfg_conditioning(inputs)
     latents = torch.cat([inputs.noise] * 2).to(setup.device, setup.dtype)
     with torch.no_grad(), plain_processors(setup.model) as unet:
@@ -556,7 +556,7 @@ class SampleCase:
     peak_memory: int = 0
 
 
-def sample_cases(settings: SampleBenchSettings, batch: int, compiled: bool = False) -> list[SampleCase]:
+def sample_cases(settings: SampleSpeedSettings, batch: int, compiled: bool = False) -> list[SampleCase]:
     cases = [] if compiled else [SampleCase("diffusers", batch, 0, "cfg")]
     for k in settings.contexts:
         if compiled and k not in (0, max(settings.contexts)):
@@ -567,7 +567,7 @@ def sample_cases(settings: SampleBenchSettings, batch: int, compiled: bool = Fal
     return cases
 
 
-def run_case(setup: BenchSetup, case: SampleCase, inputs: SampleInputs, settings: SampleBenchSettings,
+def run_case(setup: SpeedSetup, case: SampleCase, inputs: SampleInputs, settings: SampleSpeedSettings,
              steps: int) -> GenerationRun:
     if case.path == "diffusers":
         return run_diffusers(setup, inputs, settings.guidance_scale, steps)
@@ -575,7 +575,7 @@ def run_case(setup: BenchSetup, case: SampleCase, inputs: SampleInputs, settings
     return run_ours(setup, inputs, contexts, guidance_config(case.guidance, settings), steps)
 
 
-def measure_cases(setup: BenchSetup, cases: list[SampleCase], inputs: SampleInputs, settings: SampleBenchSettings,
+def measure_cases(setup: SpeedSetup, cases: list[SampleCase], inputs: SampleInputs, settings: SampleSpeedSettings,
                   steps: int, log: Callable[[str], None], advance: Callable[[], None] = lambda: None) -> None:
     """Warm-up generations, then `repeats` rounds over all cases in turn, so that a slow spell of a shared
     machine spreads over every case rather than landing on one."""
@@ -592,7 +592,7 @@ def measure_cases(setup: BenchSetup, cases: list[SampleCase], inputs: SampleInpu
         log(f"  batch {inputs.batch}: round {round_index + 1}/{settings.repeats} done")
 
 
-def count_case_flops(setup: BenchSetup, case: SampleCase, inputs: SampleInputs, settings: SampleBenchSettings,
+def count_case_flops(setup: SpeedSetup, case: SampleCase, inputs: SampleInputs, settings: SampleSpeedSettings,
                      steps: int) -> None:
     if case.path == "diffusers":
         case.flops_per_step = diffusers_step_flops(setup, inputs)
@@ -624,7 +624,7 @@ def case_row(case: SampleCase, peak_flops: float) -> dict:
     }
 
 
-def measure_encoding(setup: BenchSetup, inputs: SampleInputs, k: int, settings: SampleBenchSettings,
+def measure_encoding(setup: SpeedSetup, inputs: SampleInputs, k: int, settings: SampleSpeedSettings,
                      in_generation_s: float) -> dict:
     """The one-time context encoding of B*K images against one plain UNet forward of the B images, both warm
     and timed alternately (medians); `in_generation_s` is the encoding's time inside the generations."""
@@ -651,7 +651,7 @@ def measure_encoding(setup: BenchSetup, inputs: SampleInputs, k: int, settings: 
             "target_per_context": ENCODE_COST_PER_CONTEXT}
 
 
-def compile_unet(setup: BenchSetup, log: Callable[[str], None]) -> bool:
+def compile_unet(setup: SpeedSetup, log: Callable[[str], None]) -> bool:
     if setup.device.type != "cuda":
         log("compile: skipped on the CPU (inductor's C++ build takes many minutes on a small CPU); "
             "run with --device cuda --compile")
@@ -660,11 +660,11 @@ def compile_unet(setup: BenchSetup, log: Callable[[str], None]) -> bool:
     return True
 
 
-def bench_sample(settings: SampleBenchSettings, log: Callable[[str], None] = print,
+def sample_speed(settings: SampleSpeedSettings, log: Callable[[str], None] = print,
                  progress: Callable[[int, int], None] | None = None) -> dict:
     """The sampling benchmark's report; `progress(done, total)` follows its timed and warm-up generations."""
-    device = bench_device(settings.device)
-    dtype = bench_dtype(settings.dtype, device)
+    device = speed_device(settings.device)
+    dtype = speed_dtype(settings.dtype, device)
     steps = settings.steps or DEFAULT_SAMPLE_STEPS[settings.size]
     log(f"building a random-weight {settings.size} UNet on {device} ({dtype_name(dtype)})")
     setup = build_setup(settings.size, device, dtype, settings.seed, max(settings.contexts))
@@ -700,7 +700,7 @@ def bench_sample(settings: SampleBenchSettings, log: Callable[[str], None] = pri
     }
 
 
-def measure_batch(setup: BenchSetup, inputs: SampleInputs, settings: SampleBenchSettings, steps: int,
+def measure_batch(setup: SpeedSetup, inputs: SampleInputs, settings: SampleSpeedSettings, steps: int,
                   peak_flops: float, log: Callable[[str], None], advance: Callable[[], None] = lambda: None
                   ) -> list[dict]:
     cases = sample_cases(settings, inputs.batch)
@@ -710,7 +710,7 @@ def measure_batch(setup: BenchSetup, inputs: SampleInputs, settings: SampleBench
     return [case_row(case, peak_flops) for case in cases]
 
 
-def measure_compiled(setup: BenchSetup, rows: list[dict], settings: SampleBenchSettings, steps: int,
+def measure_compiled(setup: SpeedSetup, rows: list[dict], settings: SampleSpeedSettings, steps: int,
                      peak_flops: float, log: Callable[[str], None]) -> str | None:
     """Our path again with the UNet under torch.compile (its rows are added to `rows`); a note if skipped."""
     if not compile_unet(setup, log):
@@ -726,7 +726,7 @@ def measure_compiled(setup: BenchSetup, rows: list[dict], settings: SampleBenchS
     return None
 
 
-def profile_steps(setup: BenchSetup, inputs: SampleInputs, settings: SampleBenchSettings, steps: int) -> dict:
+def profile_steps(setup: SpeedSetup, inputs: SampleInputs, settings: SampleSpeedSettings, steps: int) -> dict:
     """torch.profiler top operators of two-step generations: diffusers, ours K=0, ours at the largest K."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -754,7 +754,7 @@ def find_row(rows: list[dict], **match) -> dict | None:
     return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
 
 
-def sample_checks(rows: list[dict], encoding: list[dict], settings: SampleBenchSettings,
+def sample_checks(rows: list[dict], encoding: list[dict], settings: SampleSpeedSettings,
                   device: torch.device) -> list[dict]:
     checks = []
     for batch in settings.batches:
@@ -836,7 +836,7 @@ def step_n_checks(rows: list[dict]) -> list[dict]:
                   f"<= {STEP_N_VS_STEP_2}", ratio <= STEP_N_VS_STEP_2)]
 
 
-def mfu_checks(rows: list[dict], settings: SampleBenchSettings, device: torch.device) -> list[dict]:
+def mfu_checks(rows: list[dict], settings: SampleSpeedSettings, device: torch.device) -> list[dict]:
     applies = device.type == "cuda" and settings.size == "sdxl"
     checks = []
     for row in rows:
@@ -870,7 +870,7 @@ class TrainInputs:
     contexts: ContextInputs | None
 
 
-def train_inputs(setup: BenchSetup, batch: int, contexts: int, seed: int) -> TrainInputs:
+def train_inputs(setup: SpeedSetup, batch: int, contexts: int, seed: int) -> TrainInputs:
     generator = torch.Generator().manual_seed(seed)
     x0 = torch.randn(batch, *setup.latent_shape, generator=generator).to(setup.device, setup.dtype)
     text, added = random_text(setup, batch, generator)
@@ -899,11 +899,11 @@ def plain_trainable(unet) -> list[torch.nn.Parameter]:
     return params
 
 
-def autocast(setup: BenchSetup, dtype: torch.dtype):
+def autocast(setup: SpeedSetup, dtype: torch.dtype):
     return torch.autocast(setup.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def ours_train_step(setup: BenchSetup, loss_module, inputs: TrainInputs, step: int) -> torch.Tensor:
+def ours_train_step(setup: SpeedSetup, loss_module, inputs: TrainInputs, step: int) -> torch.Tensor:
     """The Trainer's loss on synthetic tensors: noise and timesteps drawn inside, contexts encoded by the UNet."""
     ctx = inputs.contexts
     if ctx is None:
@@ -913,7 +913,7 @@ def ours_train_step(setup: BenchSetup, loss_module, inputs: TrainInputs, step: i
                        None, inputs.added, ctx.added, generator_seed=step)
 
 
-def diffusers_train_step(setup: BenchSetup, scheduler, inputs: TrainInputs, step: int) -> torch.Tensor:
+def diffusers_train_step(setup: SpeedSetup, scheduler, inputs: TrainInputs, step: int) -> torch.Tensor:
     """diffusers' train_text_to_image loop: noise, add_noise at random timesteps, UNet, MSE on the noise."""
     x0 = inputs.x0
     noise = torch.randn_like(x0)
@@ -924,7 +924,7 @@ def diffusers_train_step(setup: BenchSetup, scheduler, inputs: TrainInputs, step
     return torch.nn.functional.mse_loss(pred.float(), noise.float())
 
 
-def ddpm_scheduler(setup: BenchSetup):
+def ddpm_scheduler(setup: SpeedSetup):
     from diffusers import DDPMScheduler
 
     config = setup.pipe.base.scheduler_config
@@ -933,8 +933,8 @@ def ddpm_scheduler(setup: BenchSetup):
                          beta_schedule=config.get("beta_schedule", "linear"))
 
 
-def run_train_case(setup: BenchSetup, loss_fn: Callable[[int], torch.Tensor], optimizer: torch.optim.Optimizer,
-                   dtype: torch.dtype, settings: TrainBenchSettings, steps: int) -> dict:
+def run_train_case(setup: SpeedSetup, loss_fn: Callable[[int], torch.Tensor], optimizer: torch.optim.Optimizer,
+                   dtype: torch.dtype, settings: TrainSpeedSettings, steps: int) -> dict:
     """Warm-up and timed optimizer steps (forward, backward, clip at 1.0, AdamW), then the FLOPs of one
     forward + backward."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -969,7 +969,7 @@ def run_train_case(setup: BenchSetup, loss_fn: Callable[[int], torch.Tensor], op
             "peak_memory_bytes": memory}
 
 
-def train_cases(settings: TrainBenchSettings) -> list[tuple[str, str, int]]:
+def train_cases(settings: TrainSpeedSettings) -> list[tuple[str, str, int]]:
     """(path, mode, K) in run order: adapter rows first, while the frozen base is still in the run's dtype."""
     cases = []
     if "adapter" in settings.modes and settings.contexts > 0:
@@ -982,7 +982,7 @@ def train_cases(settings: TrainBenchSettings) -> list[tuple[str, str, int]]:
     return cases
 
 
-def measure_train_case(setup: BenchSetup, path: str, mode: str, k: int, settings: TrainBenchSettings,
+def measure_train_case(setup: SpeedSetup, path: str, mode: str, k: int, settings: TrainSpeedSettings,
                        dtype: torch.dtype, steps: int, peak_flops: float) -> dict:
     from instruct_core.train.trainer import DiffusionLoss
 
@@ -1012,11 +1012,11 @@ def measure_train_case(setup: BenchSetup, path: str, mode: str, k: int, settings
             "trainable_params": sum(p.numel() for p in params)}
 
 
-def bench_train(settings: TrainBenchSettings, log: Callable[[str], None] = print,
+def train_speed(settings: TrainSpeedSettings, log: Callable[[str], None] = print,
                 progress: Callable[[int, int], None] | None = None) -> dict:
     """The training benchmark's report; `progress(done, total)` follows its cases."""
-    device = bench_device(settings.device)
-    dtype = bench_dtype(settings.dtype, device)
+    device = speed_device(settings.device)
+    dtype = speed_dtype(settings.dtype, device)
     steps = settings.steps or DEFAULT_TRAIN_STEPS[settings.size]
     log(f"building a random-weight {settings.size} UNet on {device} ({dtype_name(dtype)})")
     setup = build_setup(settings.size, device, dtype, settings.seed, settings.contexts)

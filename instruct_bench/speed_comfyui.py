@@ -25,7 +25,7 @@ COMFY_SAMPLER = "KSampler"
 
 
 @dataclass
-class ComfyBenchSettings:
+class ComfySpeedSettings:
     server: str
     checkpoint: str  # a file name in the server's models/checkpoints
     size: int = 512
@@ -70,7 +70,7 @@ def write_random_checkpoint(path: Path, kind: str = "sd15", seed: int = 0, confi
     return export_single_file(base, path, dtype="fp16")
 
 
-def comfyui_graph(settings: ComfyBenchSettings, seed: int) -> dict:
+def comfyui_graph(settings: ComfySpeedSettings, seed: int) -> dict:
     """CheckpointLoaderSimple -> CLIPTextEncode x2 -> KSampler -> VAEDecode -> PreviewImage."""
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": settings.checkpoint}},
@@ -87,7 +87,7 @@ def comfyui_graph(settings: ComfyBenchSettings, seed: int) -> dict:
     }
 
 
-def instruct_graph(settings: ComfyBenchSettings, seed: int) -> dict:
+def instruct_graph(settings: ComfySpeedSettings, seed: int) -> dict:
     """InstructImagenLoader -> InstructionBuilder (no contexts) -> MultiModalEncode -> InstructSampler -> preview.
     With no contexts, text guidance alone: the same two rows per image per step as KSampler's CFG."""
     return {
@@ -106,7 +106,7 @@ def instruct_graph(settings: ComfyBenchSettings, seed: int) -> dict:
     }
 
 
-def round_graph(settings: ComfyBenchSettings, seed: int) -> dict:
+def round_graph(settings: ComfySpeedSettings, seed: int) -> dict:
     """Both chains in one prompt (distinct node ids): from one round to the next only the seeds change, so
     ComfyUI's cache keeps both loaders' outputs and no round reloads a model."""
     return {**comfyui_graph(settings, seed), **instruct_graph(settings, seed)}
@@ -171,7 +171,7 @@ def server_stats(client: ComfyClient) -> dict:
     return json.loads(client.request("/system_stats"))
 
 
-def bench_comfyui(settings: ComfyBenchSettings, log: Callable[[str], None] = print) -> dict:
+def comfyui_speed(settings: ComfySpeedSettings, log: Callable[[str], None] = print) -> dict:
     client = ComfyClient(settings.server)
     stats = server_stats(client)
     log(f"ComfyUI {stats.get('system', {}).get('comfyui_version', '?')} at {client.base}: "
@@ -233,7 +233,7 @@ CONTEXT_INPUTS = [("subject_toy.png", "subject", "a red plush toy"), ("style_dot
                   ("style_stripes.png", "style", "stripes"), ("content_house.png", "image", "a house")]
 
 
-def patch_graph(settings: ComfyBenchSettings, seed: int, contexts: int) -> dict:
+def patch_graph(settings: ComfySpeedSettings, seed: int, contexts: int) -> dict:
     """The plain graph with ApplyInstructImagen (adapter none: the same work as a trained adapter) between
     the loader and KSampler, the instruction naming `contexts` context images."""
     graph = comfyui_graph(settings, seed)
@@ -321,7 +321,7 @@ class PeakMemory:
         return self._vram_peak if self.cuda else None
 
 
-def bench_comfyui_patch(settings: ComfyBenchSettings, contexts=PATCH_CONTEXTS,
+def bench_comfyui_patch(settings: ComfySpeedSettings, contexts=PATCH_CONTEXTS,
                         log: Callable[[str], None] = print) -> dict:
     """Peak memory and per-step time of plain KSampler and of KSampler on ApplyInstructImagen with K contexts,
     in one warm server: every graph runs once untimed (loading), then `repeats` times measured, in turn."""

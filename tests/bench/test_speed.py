@@ -2,6 +2,8 @@
 our K=0 path against raw diffusers, and the command line. No timing is asserted: this machine is shared."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,9 +30,9 @@ def setup():
 
 @pytest.fixture(scope="module")
 def sample_report():
-    settings = speed.SampleBenchSettings(device="cpu", batches=(1,), contexts=(0, 1), steps=2, warmup=0,
+    settings = speed.SampleSpeedSettings(device="cpu", batches=(1,), contexts=(0, 1), steps=2, warmup=0,
                                              repeats=1)
-    return speed.bench_sample(settings, log=lambda line: None)
+    return speed.sample_speed(settings, log=lambda line: None)
 
 
 def _row(report, **match):
@@ -64,7 +66,7 @@ def test_flops_grow_with_contexts_and_match_diffusers_without(sample_report):
 
 
 def test_contexts_are_encoded_once_per_generation(setup):
-    settings = speed.SampleBenchSettings()
+    settings = speed.SampleSpeedSettings()
     inputs = speed.sample_inputs(setup, batch=2, seed=0)
     contexts = speed.context_inputs(setup, batch=2, contexts=2, seed=0)
     before = setup.model.encoder_calls
@@ -75,7 +77,7 @@ def test_contexts_are_encoded_once_per_generation(setup):
 
 
 def test_our_k0_path_and_raw_diffusers_reach_the_same_latents(setup):
-    settings = speed.SampleBenchSettings()
+    settings = speed.SampleSpeedSettings()
     inputs = speed.sample_inputs(setup, batch=2, seed=3)
     ours = speed.run_ours(setup, inputs, None, speed.guidance_config("cfg", settings), steps=4)
     theirs = speed.run_diffusers(setup, inputs, settings.guidance_scale, steps=4)
@@ -163,7 +165,7 @@ def test_comfyui_bench_times_steps_from_progress_events():
 
 
 def test_comfyui_bench_graphs_sample_alike():
-    settings = speed_comfyui.ComfyBenchSettings(server="http://x", checkpoint="m.safetensors", size=256, batch=2,
+    settings = speed_comfyui.ComfySpeedSettings(server="http://x", checkpoint="m.safetensors", size=256, batch=2,
                                                 steps=7, cfg=4.5)
     graph = speed_comfyui.round_graph(settings, seed=3)
     comfy = graph[speed_comfyui.sampler_node(graph, "KSampler")]["inputs"]
@@ -205,6 +207,8 @@ def test_the_random_checkpoint_has_the_shape_asked_for_and_loads_like_a_real_one
     from safetensors import safe_open
 
     from instruct_core.loading import load_base
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core"))  # the loader tests' small bases
     from test_loading import tiny_base, write_config_dir
 
     config_dir = write_config_dir(tmp_path / "config", tiny_base("sdxl"))
@@ -222,7 +226,7 @@ def test_the_random_checkpoint_has_the_shape_asked_for_and_loads_like_a_real_one
 
 
 def test_the_patch_bench_graph_puts_apply_instruct_imagen_before_ksampler():
-    settings = speed_comfyui.ComfyBenchSettings(server="http://x", checkpoint="m.safetensors", size=256, steps=4)
+    settings = speed_comfyui.ComfySpeedSettings(server="http://x", checkpoint="m.safetensors", size=256, steps=4)
     plain = speed_comfyui.comfyui_graph(settings, seed=3)
     for contexts in (0, 3):
         graph = speed_comfyui.patch_graph(settings, 3, contexts)
