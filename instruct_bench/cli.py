@@ -298,7 +298,7 @@ def run_speed_comfyui(args) -> int:
             log(f"writing a random {speed_comfyui.RANDOM_KINDS[args.random_kind][1]}-shaped checkpoint to {path}")
             speed_comfyui.write_random_checkpoint(path, args.random_kind)
         if contexts is not None:
-            report = speed_comfyui.bench_comfyui_patch(settings, contexts, log)
+            report = speed_comfyui.comfyui_patch_speed(settings, contexts, log)
         else:
             report = speed_comfyui.comfyui_speed(settings, log)
     except ClientError as error:

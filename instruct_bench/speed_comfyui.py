@@ -321,7 +321,7 @@ class PeakMemory:
         return self._vram_peak if self.cuda else None
 
 
-def bench_comfyui_patch(settings: ComfySpeedSettings, contexts=PATCH_CONTEXTS,
+def comfyui_patch_speed(settings: ComfySpeedSettings, contexts=PATCH_CONTEXTS,
                         log: Callable[[str], None] = print) -> dict:
     """Peak memory and per-step time of plain KSampler and of KSampler on ApplyInstructImagen with K contexts,
     in one warm server: every graph runs once untimed (loading), then `repeats` times measured, in turn."""

@@ -89,7 +89,7 @@ def test_our_k0_path_and_raw_diffusers_reach_the_same_latents(setup):
                for p in setup.unet.attn_processors.values())
 
 
-def test_cli_bench_sample_writes_the_json(tmp_path, capsys):
+def test_cli_speed_sample_writes_the_json(tmp_path, capsys):
     out = tmp_path / "sample.json"
     code = main(["speed", "sample", "--device", "cpu", "--batch", "1", "--contexts", "0", "--steps", "1",
                  "--warmup", "0", "--repeats", "1", "--json", str(out)])
@@ -101,7 +101,7 @@ def test_cli_bench_sample_writes_the_json(tmp_path, capsys):
     assert "speed sample: 2/2 run" in captured.err  # piped: plain progress lines
 
 
-def test_cli_bench_train_writes_the_json(tmp_path, capsys):
+def test_cli_speed_train_writes_the_json(tmp_path, capsys):
     out = tmp_path / "train.json"
     code = main(["speed", "train", "--device", "cpu", "--batch", "1", "--steps", "1", "--warmup", "0",
                  "--json", str(out)])
@@ -136,20 +136,20 @@ COMFY = ["--server", "http://127.0.0.1:1", "--checkpoint", "x.safetensors"]
     (["comfyui", *COMFY, "--patch-contexts", "1,two"], "--patch-contexts"),
     (["comfyui", *COMFY, "--patch-contexts", "0,9"], "--patch-contexts"),
 ])
-def test_bad_bench_values_exit_2_with_a_message(args, message, capsys):
+def test_bad_speed_values_exit_2_with_a_message(args, message, capsys):
     assert main(["speed", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err
 
 
 @pytest.mark.parametrize("args", [[], ["profile"], ["sample", "--size", "huge"], ["train", "--device", "tpu"]])
-def test_malformed_bench_arguments_exit_2(args):
+def test_malformed_speed_arguments_exit_2(args):
     with pytest.raises(SystemExit) as raised:
         main(["speed", *args])
     assert raised.value.code == 2
 
 
-def test_comfyui_bench_times_steps_from_progress_events():
+def test_comfyui_speed_times_steps_from_progress_events():
     def event(kind, **data):
         return {"type": kind, "data": {"prompt_id": "p", **data}}
 
@@ -164,7 +164,7 @@ def test_comfyui_bench_times_steps_from_progress_events():
     assert speed_comfyui.node_seconds(stamped, "9") is None
 
 
-def test_comfyui_bench_graphs_sample_alike():
+def test_comfyui_speed_graphs_sample_alike():
     settings = speed_comfyui.ComfySpeedSettings(server="http://x", checkpoint="m.safetensors", size=256, batch=2,
                                                 steps=7, cfg=4.5)
     graph = speed_comfyui.round_graph(settings, seed=3)
@@ -196,7 +196,7 @@ def test_the_random_checkpoint_never_replaces_a_file(tmp_path, capsys):
     assert not (tmp_path / "new.safetensors").exists()
 
 
-def test_comfyui_bench_says_when_the_server_is_unreachable(capsys):
+def test_comfyui_speed_says_when_the_server_is_unreachable(capsys):
     assert main(["speed", "comfyui", *COMFY]) == 1
     assert "cannot reach http://127.0.0.1:1" in capsys.readouterr().err
     # a checkpoint in a subfolder is a name the server lists; nothing is written for an unreachable server
