@@ -44,7 +44,7 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, *flags: str):
         if not (COMFYUI_PATH and COMFYUI_PYTHON):
             pytest.fail(f"INSTRUCT_IMAGEN_REQUIRE_COMFYUI=1: {COMFYUI_MISSING}")
         self.base = base
@@ -59,7 +59,7 @@ class Server:
             f"tests:\n  base_path: {base / 'extra'}\n  instruct_imagen: adapters/\n")
         command = [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                    "--base-directory", str(base), "--disable-auto-launch",
-                   "--extra-model-paths-config", str(base / "extra_model_paths.yaml")]
+                   "--extra-model-paths-config", str(base / "extra_model_paths.yaml"), *flags]
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, cwd=COMFYUI_PATH, stdout=self.log, stderr=subprocess.STDOUT,
                                         env={**os.environ, "HF_HUB_OFFLINE": "1"})

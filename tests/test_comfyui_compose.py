@@ -1,0 +1,118 @@
+"""Instruct-Imagen among ComfyUI's own nodes, in a real ComfyUI: a LoRA before it, a ControlNet after it,
+low-VRAM servers, another model after it. On small random files that ComfyUI loads as its own
+(tests/comfyui_files.py). Runs when COMFYUI_PATH and COMFYUI_PYTHON are set, as
+tests/test_comfyui_integration.py does."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfyui_files import write_random_controlnet, write_random_lora, write_small_sd15
+from instruct_core import client
+from test_comfyui_integration import Server, pytestmark, run  # noqa: F401  (pytestmark: skip without ComfyUI)
+
+CHECKPOINT = "small_sd15.safetensors"
+LORA = "random_lora.safetensors"
+CONTROLNET = "random_controlnet.safetensors"
+SIZE = 64
+TEXT = "a red cube on a wooden table"
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    """The small checkpoint, its LoRA and its ControlNet, under models/ of a base directory."""
+    models = tmp_path_factory.mktemp("compose_models")
+    checkpoint = write_small_sd15(models / "checkpoints" / CHECKPOINT)
+    write_random_lora(checkpoint, models / "loras" / LORA)
+    write_random_controlnet(checkpoint, models / "controlnet" / CONTROLNET)
+    return models
+
+
+def start_server(base, model_files, *flags: str) -> Server:
+    (base / "models").mkdir(parents=True)
+    for folder in model_files.iterdir():
+        (base / "models" / folder.name).symlink_to(folder, target_is_directory=True)
+    return Server(base, *flags)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_files):
+    running = start_server(tmp_path_factory.mktemp("comfyui_compose"), model_files)
+    yield running
+    running.stop()
+
+
+def stock_graph(seed: int = 3, lora: float = 0.0, control: float = 0.0) -> dict:
+    """CheckpointLoaderSimple (-> LoraLoader) -> CLIPTextEncode x2 (-> ControlNetApplyAdvanced) -> KSampler
+    -> VAEDecode -> SaveImage."""
+    graph = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": TEXT, "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
+        "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        "sample": {"class_type": "KSampler", "inputs": {
+            "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["empty", 0],
+            "seed": seed, "steps": 3, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "compose"}},
+    }
+    if lora:
+        with_lora(graph, "ckpt", lora)
+    if control:
+        with_controlnet(graph, control)
+    return graph
+
+
+def with_lora(graph: dict, loader: str, strength: float) -> dict:
+    """A LoraLoader between the checkpoint loader and every node that took its model or CLIP."""
+    graph["lora"] = {"class_type": "LoraLoader", "inputs": {
+        "model": [loader, 0], "clip": [loader, 1], "lora_name": LORA, "strength_model": strength,
+        "strength_clip": strength}}
+    for node_id, node in graph.items():
+        for name, value in node["inputs"].items():
+            if node_id != "lora" and value in ([loader, 0], [loader, 1]):
+                node["inputs"][name] = ["lora", value[1]]
+    return graph
+
+
+def with_controlnet(graph: dict, strength: float) -> dict:
+    """ControlNetApplyAdvanced on the sampler's positive and negative, with an edge map as its hint."""
+    sampler = graph["sample"]["inputs"]
+    graph["hint"] = {"class_type": "LoadImage", "inputs": {"image": "instruct_imagen/edge_house.png"}}
+    graph["cnet"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": CONTROLNET}}
+    graph["control"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": sampler["positive"], "negative": sampler["negative"], "control_net": ["cnet", 0],
+        "image": ["hint", 0], "strength": strength, "start_percent": 0.0, "end_percent": 1.0,
+        "vae": ["ckpt", 2]}}
+    sampler.update(positive=["control", 0], negative=["control", 1])
+    return graph
+
+
+def picture(server: Server, graph: dict) -> np.ndarray:
+    """The run's image as floats in [0, 1] (H, W, 3)."""
+    entry = run(server, graph)
+    item = entry["outputs"]["save"]["images"][0]
+    data = client.ComfyClient(server.url).download(item)
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float64) / 255.0
+
+
+def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).mean())
+
+
+# -- tests -----------------------------------------------------------------------------------------------
+
+def test_the_small_files_load_as_comfyui_s_own_and_each_changes_the_picture(server):
+    """The fixtures the other tests stand on: ComfyUI detects the checkpoint as SD1.5, and its LoRA and
+    ControlNet load and act (so a test that finds them changing nothing would mean something)."""
+    plain = picture(server, stock_graph())
+    assert plain.std() > 0.01  # a picture, not a flat or NaN-black square
+    log = server.log_text()
+    assert "model_type EPS" in log and "lora key not loaded" not in log
+    assert mean_abs_diff(picture(server, stock_graph(lora=1.0)), plain) > 0.01
+    assert mean_abs_diff(picture(server, stock_graph(control=1.0)), plain) > 0.01
+    assert "missing controlnet keys" not in server.log_text()
