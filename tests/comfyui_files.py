@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from instruct_core.bench_comfyui import write_random_checkpoint
+from instruct_bench.speed_comfyui import write_random_checkpoint
 from instruct_core.loading import shipped_config_dir
 
 UNET_PREFIX = "model.diffusion_model."
@@ -26,6 +26,42 @@ UNET_PREFIX = "model.diffusion_model."
 SMALL_UNET = {"block_out_channels": [320, 320], "layers_per_block": 1,
               "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
               "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}
+
+
+def small_unet(seed: int = 0):
+    """The small checkpoint's UNet as a diffusers module (random weights)."""
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(str(shipped_config_dir("sd1", "epsilon") / "unet"))
+    torch.manual_seed(seed)
+    return UNet2DConditionModel.from_config({**config, **SMALL_UNET})
+
+
+def write_random_adapter(path: Path, unet, seed: int = 0) -> Path:
+    """Context layers for `unet` (a diffusers UNet, or one on the meta device: only its layout is read) whose
+    every parameter is non-zero, so that contexts change the picture."""
+    from instruct_core.adapter_io import save_adapter
+    from instruct_core.context_attention import aligned_position_init
+    from instruct_core.context_unet import ContextAdapter, ContextAdapterConfig, ContextAugmentedUNet
+
+    with torch.device(unet.device):
+        adapter = ContextAdapter(unet, ContextAdapterConfig())
+    if unet.device.type == "meta":
+        adapter = adapter.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in adapter.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if name.endswith(("pos_q.weight", "pos_k.weight")):
+                aligned_position_init(param, adapter.layers[name.split(".")[1]].heads)
+            elif "norm_context" in name:
+                param.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
+            elif param.dim() == 2 and "modality" not in name:
+                param.copy_(noise / param.shape[1] ** 0.5)
+            else:
+                param.copy_(0.3 * noise)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_adapter(ContextAugmentedUNet(unet, adapter=adapter), path)
 
 
 def small_sd15_config(folder: Path) -> Path:

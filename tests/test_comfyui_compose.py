@@ -5,19 +5,24 @@ tests/test_comfyui_integration.py does."""
 
 from __future__ import annotations
 
+import functools
 import io
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_files import write_random_controlnet, write_random_lora, write_small_sd15
+from comfyui_files import small_unet, write_random_adapter, write_random_controlnet, write_random_lora, write_small_sd15
 from instruct_core import client
-from test_comfyui_integration import Server, pytestmark, run  # noqa: F401  (pytestmark: skip without ComfyUI)
+from test_comfyui_integration import COMFYUI_PYTHON, Server, pytestmark, run  # noqa: F401  (pytestmark: skip without ComfyUI)
 
 CHECKPOINT = "small_sd15.safetensors"
 LORA = "random_lora.safetensors"
 CONTROLNET = "random_controlnet.safetensors"
+ADAPTER = "random_small_adapter.safetensors"
+OTHER_CHECKPOINT = "other_small_sd15.safetensors"
 SIZE = 64
 TEXT = "a red cube on a wooden table"
 
@@ -27,8 +32,10 @@ def model_files(tmp_path_factory):
     """The small checkpoint, its LoRA and its ControlNet, under models/ of a base directory."""
     models = tmp_path_factory.mktemp("compose_models")
     checkpoint = write_small_sd15(models / "checkpoints" / CHECKPOINT)
+    shutil.copyfile(checkpoint, models / "checkpoints" / OTHER_CHECKPOINT)  # another file: another model to ComfyUI
     write_random_lora(checkpoint, models / "loras" / LORA)
     write_random_controlnet(checkpoint, models / "controlnet" / CONTROLNET)
+    write_random_adapter(models / "instruct_imagen" / ADAPTER, small_unet())
     return models
 
 
@@ -46,11 +53,11 @@ def server(tmp_path_factory, model_files):
     running.stop()
 
 
-def stock_graph(seed: int = 3, lora: float = 0.0, control: float = 0.0) -> dict:
+def stock_graph(seed: int = 3, lora: float = 0.0, control: float = 0.0, checkpoint: str = CHECKPOINT) -> dict:
     """CheckpointLoaderSimple (-> LoraLoader) -> CLIPTextEncode x2 (-> ControlNetApplyAdvanced) -> KSampler
     -> VAEDecode -> SaveImage."""
     graph = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": TEXT, "clip": ["ckpt", 1]}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
         "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
@@ -60,6 +67,33 @@ def stock_graph(seed: int = 3, lora: float = 0.0, control: float = 0.0) -> dict:
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
         "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "compose"}},
     }
+    if lora:
+        with_lora(graph, "ckpt", lora)
+    if control:
+        with_controlnet(graph, control)
+    return graph
+
+
+def instruct_graph(seed: int = 3, strength: float = 1.0, lora: float = 0.0, control: float = 0.0,
+                   checkpoint: str = CHECKPOINT) -> dict:
+    """The stock graph with ApplyInstructImagen between the checkpoint and KSampler, on two contexts (a
+    subject and a style) and the random adapter."""
+    graph = stock_graph(seed, checkpoint=checkpoint)
+    del graph["pos"], graph["neg"]
+    graph["i"] = {"class_type": "InstructionBuilder", "inputs": {
+        "instruction": "Generate an image of [ref#1] in the style of [ref#2]", "negative": "blurry"}}
+    sources = [("subject_toy.png", "subject", "[ref#1] a red plush toy"),
+               ("style_dots.png", "style", "[ref#2] a dotted painting")]
+    for n, (image, modality, text) in enumerate(sources, start=1):
+        graph[f"load{n}"] = {"class_type": "LoadImage", "inputs": {"image": f"instruct_imagen/{image}"}}
+        graph[f"ctx{n}"] = {"class_type": "ContextImage", "inputs": {
+            "image": [f"load{n}", 0], "modality": modality, "text": text, "weight": 1.0}}
+        graph["i"]["inputs"][f"contexts.ref_{n}"] = [f"ctx{n}", 0]
+    graph["apply"] = {"class_type": "ApplyInstructImagen", "inputs": {
+        "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "adapter": ADAPTER,
+        "instruction": ["i", 0], "strength": strength, "context_width": SIZE, "context_height": SIZE,
+        "resize_policy": "crop"}}
+    graph["sample"]["inputs"].update(model=["apply", 0], positive=["apply", 1], negative=["apply", 2])
     if lora:
         with_lora(graph, "ckpt", lora)
     if control:
@@ -116,3 +150,51 @@ def test_the_small_files_load_as_comfyui_s_own_and_each_changes_the_picture(serv
     assert mean_abs_diff(picture(server, stock_graph(lora=1.0)), plain) > 0.01
     assert mean_abs_diff(picture(server, stock_graph(control=1.0)), plain) > 0.01
     assert "missing controlnet keys" not in server.log_text()
+
+
+def test_a_lora_before_apply_changes_the_picture_and_the_contexts_still_act(server):
+    with_lora_alone = picture(server, instruct_graph(lora=1.0, strength=0.0))
+    with_both = picture(server, instruct_graph(lora=1.0))
+    assert mean_abs_diff(with_both, picture(server, instruct_graph())) > 0.01  # the LoRA acts
+    assert mean_abs_diff(with_both, with_lora_alone) > 0.01  # and so do the contexts, on the LoRA'd UNet
+    assert "lora key not loaded" not in server.log_text()
+
+
+def test_controlnet_on_the_returned_conditioning_runs_and_acts(server):
+    controlled = picture(server, instruct_graph(control=1.0))
+    assert mean_abs_diff(controlled, picture(server, instruct_graph())) > 0.01
+    assert mean_abs_diff(controlled, picture(server, instruct_graph(control=1.0, strength=0.0))) > 0.01
+
+
+@functools.cache
+def server_has_a_gpu() -> bool:
+    found = subprocess.run([COMFYUI_PYTHON, "-c", "import torch; print(torch.cuda.is_available())"],
+                           capture_output=True, text=True, timeout=300)
+    return found.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("flag", ["--lowvram", "--novram"])
+def test_low_vram_servers_finish_a_run(model_files, tmp_path, flag):
+    """In these modes ComfyUI streams weights to the GPU layer by layer; the adapter's weights travel with
+    the MODEL. (ComfyUI refuses them beside --cpu, so a machine without a GPU cannot run this test.)"""
+    if not server_has_a_gpu():
+        pytest.skip(f"needs a GPU: ComfyUI refuses {flag} together with --cpu")
+    low = start_server(tmp_path / "base", model_files, flag)
+    try:
+        assert picture(low, instruct_graph()).std() > 0.01
+        log = low.log_text()
+        assert f"Set vram state to: {flag[2:].upper().replace('VRAM', '_VRAM')}" in log
+        assert "loaded partially" in log or flag == "--lowvram"  # --novram always streams
+    finally:
+        low.stop()
+
+
+def test_switching_to_another_model_frees_the_adapter(server):
+    released = "[Instruct-Imagen] released context layers"
+    before = server.log_text().count(released)
+    picture(server, instruct_graph(seed=11))
+    picture(server, stock_graph(seed=11, checkpoint=OTHER_CHECKPOINT))
+    picture(server, stock_graph(seed=12, checkpoint=OTHER_CHECKPOINT))  # the next prompt collects what is dead
+    log = server.log_text()
+    assert log.count(released) > before
+    assert "memory leak with model" not in log

@@ -24,10 +24,16 @@ ROOT = Path(__file__).resolve().parents[2]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON")
 PACK = "comfyui-instruct-imagen"  # the folder every documented install uses (docs/COMFYUI.md)
+VRAM_MODES = {"--gpu-only", "--highvram", "--normalvram", "--lowvram", "--novram"}
 NODE_IDS = {"InstructImagenLoader", "ContextImage", "InstructionBuilder", "MultiModalEncode", "InstructSampler",
             "InstructionFromJSON", "InstructionToJSON", "AdapterSaver", "FineTuneStage", "ApplyInstructImagen",
             "InstructGuider"}
 WORKFLOWS = sorted((ROOT / "workflows" / "api").glob("*.json"))
+# Workflows for the user's own SD1.5 checkpoint run here on random ones. The training pair runs in order,
+# on a full-size one: training loads the checkpoint through the library, which knows the standard shape only.
+USER_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+TRAINING_PAIR = ("train_adapter", "ksampler_trained_adapter")
+RUN_ALONE = [path for path in WORKFLOWS if path.stem not in TRAINING_PAIR]
 
 # CI sets INSTRUCT_IMAGEN_REQUIRE_COMFYUI=1: there a missing ComfyUI fails these tests instead of skipping them.
 COMFYUI_REQUIRED = os.environ.get("INSTRUCT_IMAGEN_REQUIRE_COMFYUI") == "1"
@@ -57,7 +63,8 @@ class Server:
         (base / "extra" / "adapters" / "from_extra_paths.safetensors").write_bytes(b"listed, never loaded")
         (base / "extra_model_paths.yaml").write_text(
             f"tests:\n  base_path: {base / 'extra'}\n  instruct_imagen: adapters/\n")
-        command = [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        device = [] if VRAM_MODES & set(flags) else ["--cpu"]  # ComfyUI takes a VRAM mode for a GPU only
+        command = [COMFYUI_PYTHON, "main.py", *device, "--listen", "127.0.0.1", "--port", str(self.port),
                    "--base-directory", str(base), "--disable-auto-launch",
                    "--extra-model-paths-config", str(base / "extra_model_paths.yaml"), *flags]
         self.log = open(self.log_path, "w")
@@ -161,18 +168,64 @@ def test_help_pages_and_english_strings_are_served(server):
     assert english["nodeCategories"]["Instruct-Imagen"] == "Instruct-Imagen"
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
-def test_every_example_workflow_returns_images(server, path):
-    graph = json.loads(path.read_text())
-    entry = run(server, graph)
+@pytest.fixture(scope="module")
+def small_sd15(server) -> str:
+    from comfyui_files import write_small_sd15
+
+    return write_small_sd15(server.base / "models" / "checkpoints" / "small_sd15.safetensors").name
+
+
+@pytest.fixture(scope="module")
+def random_sd15(server) -> str:
+    """A full-size random SD1.5 single file (about 2 GB), written in a process of its own."""
+    path = server.base / "models" / "checkpoints" / "random_sd15.safetensors"
+    script = ("import sys; from pathlib import Path; from instruct_bench.speed_comfyui import write_random_checkpoint;"
+              "write_random_checkpoint(Path(sys.argv[1]))")
+    subprocess.run([sys.executable, "-c", script, str(path)], cwd=ROOT, check=True, timeout=900)
+    return path.name
+
+
+def on_checkpoint(graph: dict, checkpoint: str, size: int = 64, steps: int = 3) -> dict:
+    """A workflow for the user's checkpoint on `checkpoint` instead, at a small size and few steps."""
+    for node in graph.values():
+        inputs = node["inputs"]
+        for key in ("ckpt_name", "base_model"):
+            if inputs.get(key) == USER_CHECKPOINT:
+                inputs[key] = checkpoint
+        if node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=size, height=size)
+        elif node["class_type"] == "ApplyInstructImagen":
+            inputs.update(context_width=size, context_height=size)
+        elif node["class_type"] == "KSampler":
+            inputs["steps"] = steps
+    return graph
+
+
+def assert_images(server: Server, entry: dict, name: str) -> None:
     images = [item for outputs in entry["outputs"].values() for item in outputs.get("images", [])]
-    assert images, f"{path.stem}: no images"
+    assert images, f"{name}: no images"
     comfy = client.ComfyClient(server.url)
     for item in images:
         picture = Image.open(io.BytesIO(comfy.download(item)))
         assert picture.size[0] > 0
+
+
+@pytest.mark.parametrize("path", RUN_ALONE, ids=[p.stem for p in RUN_ALONE])
+def test_every_example_workflow_returns_images(server, path, request):
+    graph = json.loads(path.read_text())
+    if USER_CHECKPOINT in path.read_text():
+        graph = on_checkpoint(graph, request.getfixturevalue("small_sd15"))
+    assert_images(server, run(server, graph), path.stem)
     if path.stem == "training":
         assert (server.base / "models" / "instruct_imagen" / "example_adapter.safetensors").is_file()
+
+
+def test_an_adapter_trained_for_a_checkpoint_is_saved_and_sampled_by_ksampler(server, random_sd15):
+    train, sample = (on_checkpoint(load(name), random_sd15) for name in TRAINING_PAIR)
+    assert_images(server, run(server, train), TRAINING_PAIR[0])
+    saver = next(node["inputs"] for node in train.values() if node["class_type"] == "AdapterSaver")
+    assert (server.base / "models" / "instruct_imagen" / f"{saver['adapter_name']}.safetensors").is_file()
+    assert_images(server, run(server, sample), TRAINING_PAIR[1])
 
 
 def _edited(name: str, node: str, **inputs) -> dict:
@@ -315,12 +368,11 @@ def test_interrupt_stops_sampling_within_a_step(server):
     assert stopped.get("last", 2) <= 3
 
 
-def test_the_ksampler_comparison_runs_on_the_same_checkpoint(server, tmp_path):
+def test_the_ksampler_comparison_runs_on_the_same_checkpoint(server, random_sd15, tmp_path):
     """`bench comfyui` end to end on a random SD1.5-shaped single file that both samplers load."""
     report_path = tmp_path / "report.json"
     command = [sys.executable, "-m", "instruct_bench", "speed", "comfyui", "--server", server.url,
-               "--checkpoint", "random_sd15.safetensors", "--write-random-checkpoint",
-               str(server.base / "models" / "checkpoints"), "--size", "64", "--steps", "3", "--repeats", "1",
+               "--checkpoint", random_sd15, "--size", "64", "--steps", "3", "--repeats", "1",
                "--json", str(report_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -20,7 +20,12 @@ UI_DIR = ROOT / "example_workflows"
 INPUTS = ROOT / "workflows" / "inputs"
 NAMES = sorted(p.stem for p in API_DIR.glob("*.json"))
 EXPECTED = {"text_to_image", "subject", "style", "style_transfer", "edge", "depth", "mask", "sketch", "inpainting",
-            "subject_style", "multi_subject", "control_style", "training"}
+            "subject_style", "multi_subject", "control_style", "training", "train_adapter", "ksampler_trained_adapter",
+            "ksampler_subject", "ksampler_style", "ksampler_edge", "ksampler_depth", "ksampler_mask",
+            "ksampler_subject_style_edge"}
+# Files the user brings (their SD1.5 checkpoint) or that train_adapter writes: no folder lists them here.
+USER_FILES = {("ckpt_name", "v1-5-pruned-emaonly.safetensors"), ("base_model", "v1-5-pruned-emaonly.safetensors"),
+              ("adapter", "my_sd15_adapter.safetensors")}
 WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 _IMAGE_FILE = [["example.png"], {"image_upload": True}]
@@ -44,6 +49,22 @@ CORE_NODES = {
                   "optional": {"mask": ["MASK", {}]}},
         "input_order": {"required": ["destination", "source", "x", "y", "resize_source"], "optional": ["mask"]},
         "output": ["IMAGE"]},
+    "CheckpointLoaderSimple": {"input": {"required": {"ckpt_name": [[]]}}, "input_order": {"required": ["ckpt_name"]},
+                               "output": ["MODEL", "CLIP", "VAE"]},
+    "EmptyLatentImage": {"input": {"required": {k: ["INT", {"min": 16 if k != "batch_size" else 1, "max": 16384}]
+                                                for k in ("width", "height", "batch_size")}},
+                         "input_order": {"required": ["width", "height", "batch_size"]}, "output": ["LATENT"]},
+    "KSampler": {
+        "input": {"required": {"model": ["MODEL", {}], "seed": ["INT", {"min": 0, "control_after_generate": True}],
+                               "steps": ["INT", {"min": 1, "max": 10000}], "cfg": ["FLOAT", {"min": 0.0, "max": 100.0}],
+                               "sampler_name": [["euler", "dpmpp_2m"]], "scheduler": [["normal", "karras"]],
+                               "positive": ["CONDITIONING", {}], "negative": ["CONDITIONING", {}],
+                               "latent_image": ["LATENT", {}], "denoise": ["FLOAT", {"min": 0.0, "max": 1.0}]}},
+        "input_order": {"required": ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive",
+                                     "negative", "latent_image", "denoise"]},
+        "output": ["LATENT"]},
+    "VAEDecode": {"input": {"required": {"samples": ["LATENT", {}], "vae": ["VAE", {}]}},
+                  "input_order": {"required": ["samples", "vae"]}, "output": ["IMAGE"]},
 }
 
 
@@ -105,7 +126,7 @@ def test_api_workflow_uses_existing_nodes_with_valid_inputs(name):
             elif kind == "COMBO" and options.get("image_upload"):
                 assert value.startswith("instruct_imagen/") and (INPUTS / value.split("/", 1)[1]).is_file(), where
             elif kind == "COMBO":
-                assert value in options["options"], f"{where}: {value!r} not offered"
+                assert value in options["options"] or (input_name, value) in USER_FILES, f"{where}: {value!r} not offered"
             else:
                 assert kind in WIDGETS, f"{where}: a constant for a {kind} socket"
                 python_type = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}[kind]
