@@ -26,6 +26,11 @@ INPUTS = "instruct_imagen/"  # where the pack copies workflows/inputs/ inside Co
 
 SAMPLING = dict(seed=1, steps=10, sampler="dpmpp_2m", schedule="karras_capped", cfg_text=5.0, cfg_context=2.0,
                 guidance="dual", width=64, height=64, batch_size=1, denoise=1.0)
+# The user's own SD1.5 checkpoint (models/checkpoints), sampled by ComfyUI's KSampler.
+USER_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+USER_SIZE = 512
+KSAMPLING = dict(seed=1, steps=25, cfg=6.0, sampler_name="dpmpp_2m", scheduler="karras", denoise=1.0)
+TRAINED_ADAPTER = "my_sd15_adapter"
 
 
 class Node:
@@ -61,6 +66,24 @@ class Workflow:
                            context_height=0, resize_policy="crop")
         sampler = self.node("InstructSampler", model=model[0], conditioning=encode[0], **SAMPLING)
         self.node("SaveImage", images=sampler[1], filename_prefix=f"instruct_imagen/{self.name}")
+        return builder
+
+    # -- the patch path: the user's checkpoint, Instruct-Imagen on its MODEL, ComfyUI's KSampler -------------
+    def checkpoint(self) -> Node:
+        return self.node("CheckpointLoaderSimple", ckpt_name=USER_CHECKPOINT)
+
+    def ksample(self, checkpoint: Node, instruction: str, contexts=(), negative: str = "",
+                adapter: str = "none") -> Node:
+        slots = {f"contexts.ref_{n}": ctx[0] for n, ctx in enumerate(contexts, start=1)}
+        builder = self.node("InstructionBuilder", instruction=instruction, negative=negative, **slots)
+        patched = self.node("ApplyInstructImagen", model=checkpoint[0], clip=checkpoint[1], vae=checkpoint[2],
+                            adapter=adapter, instruction=builder[0], strength=1.0, context_width=USER_SIZE,
+                            context_height=USER_SIZE, resize_policy="crop")
+        empty = self.node("EmptyLatentImage", width=USER_SIZE, height=USER_SIZE, batch_size=1)
+        sampler = self.node("KSampler", model=patched[0], positive=patched[1], negative=patched[2],
+                            latent_image=empty[0], **KSAMPLING)
+        decode = self.node("VAEDecode", samples=sampler[0], vae=checkpoint[2])
+        self.node("SaveImage", images=decode[0], filename_prefix=f"instruct_imagen/{self.name}")
         return builder
 
     # -- formats ---------------------------------------------------------------------------------------
@@ -231,7 +254,54 @@ def workflows() -> list[Workflow]:
     w.node("SaveImage", images=train[2], filename_prefix="instruct_imagen/training_loss")
     w.generate(train, "Generate an image of [ref#1] on a white background",
                [w.context("subject_toy.png", "subject", "[ref#1] a red plush toy")])
+
+    w = new("train_adapter", "Train context layers for your SD1.5 checkpoint on input/instruct_imagen/train_set (2 "
+                             "steps here: raise steps for real training) and save them as models/instruct_imagen/"
+                             f"{TRAINED_ADAPTER}.safetensors, which ksampler_trained_adapter uses.")
+    train = w.node("FineTuneStage", base_model=USER_CHECKPOINT, adapter="none", stage=2,
+                   dataset=INPUTS + "train_set", steps=2, learning_rate=1e-4, batch_size=1, resolution=64, seed=0,
+                   adapter_name=TRAINED_ADAPTER + "_run", resume=False)
+    w.node("AdapterSaver", model=train[0], adapter_name=TRAINED_ADAPTER, overwrite=True)
+    w.node("SaveImage", images=train[2], filename_prefix="instruct_imagen/train_adapter_loss")
+
+    w = new("ksampler_trained_adapter", "Your SD1.5 checkpoint with the context layers train_adapter saved, "
+                                        "sampled by KSampler: the toy of [ref#1] on a beach.")
+    w.ksample(w.checkpoint(), "Generate an image of [ref#1] sitting on a sunny beach",
+              [w.context("subject_toy.png", "subject", "[ref#1] a red plush toy")], negative="blurry",
+              adapter=TRAINED_ADAPTER + ".safetensors")
+    ksampler_workflows(new)
     return made
+
+
+def ksampler_workflows(new) -> None:
+    """The tasks on the user's own SD1.5 checkpoint through ApplyInstructImagen and KSampler. With adapter
+    'none' the context layers are untrained and the picture is the checkpoint's own: pick trained ones."""
+
+    def task(name: str, description: str, instruction: str, *contexts: tuple[str, str, str]) -> None:
+        w = new(f"ksampler_{name}", description + " Your SD1.5 checkpoint, sampled by KSampler.")
+        w.ksample(w.checkpoint(), instruction, [w.context(*context) for context in contexts], negative="blurry")
+
+    task("subject", "Subject-driven generation: the toy of [ref#1] in a new scene.",
+         "Generate an image of [ref#1] sitting on a sunny beach",
+         ("subject_toy.png", "subject", "[ref#1] a red plush toy"))
+    task("style", "Styled generation: the style of [ref#1] on a new subject.",
+         "A lighthouse on a rocky coast in the style of [ref#1]",
+         ("style_stripes.png", "style", "[ref#1] warm diagonal brush strokes"))
+    task("edge", "Edge-to-image: follow the outlines in [ref#1].",
+         "Generate an image following the edges of [ref#1]: a cosy cottage with a red roof",
+         ("edge_house.png", "edge", "[ref#1] an edge map"))
+    task("depth", "Depth-to-image: the scene layout of the depth map [ref#1].",
+         "Generate an image with the depth layout of [ref#1]: a ball on a wooden floor",
+         ("depth_ball.png", "depth", "[ref#1] a depth map"))
+    task("mask", "Mask-to-image: the main object takes the shape of [ref#1].",
+         "Generate an image whose main object fills the shape of [ref#1]: a green apple",
+         ("mask_apple.png", "mask", "[ref#1] a shape mask"))
+    task("subject_style_edge", "Three contexts: the toy of [ref#1] in the style of [ref#2], in the layout of the "
+                               "edges [ref#3].",
+         "Generate an image of [ref#1] in the style of [ref#2], following the edges of [ref#3]",
+         ("subject_toy.png", "subject", "[ref#1] a red plush toy"),
+         ("style_stripes.png", "style", "[ref#2] warm diagonal brush strokes"),
+         ("edge_house.png", "edge", "[ref#3] an edge map of a house"))
 
 
 def object_info(server: str) -> dict:
