@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,13 +18,20 @@ from PIL import Image
 
 from comfyui_files import small_unet, write_random_adapter, write_random_controlnet, write_random_lora, write_small_sd15
 from instruct_core import client
-from test_comfyui_integration import COMFYUI_PYTHON, Server, pytestmark, run  # noqa: F401  (pytestmark: skip without ComfyUI)
+from test_comfyui_integration import (  # noqa: F401  (pytestmark: skip without ComfyUI)
+    COMFYUI_PYTHON, ROOT, USER_CHECKPOINT, WORKFLOWS, Server, assert_images, load, pytestmark, run)
 
 CHECKPOINT = "small_sd15.safetensors"
 LORA = "random_lora.safetensors"
 CONTROLNET = "random_controlnet.safetensors"
 ADAPTER = "random_small_adapter.safetensors"
 OTHER_CHECKPOINT = "other_small_sd15.safetensors"
+FULL_CHECKPOINT = "random_sd15.safetensors"
+# The workflows for the user's own checkpoint. The training pair runs in order and on a full-size
+# checkpoint: training loads it through the library, which knows the standard SD1.5 shape only.
+TRAINING_PAIR = ("train_adapter", "ksampler_trained_adapter")
+CHECKPOINT_WORKFLOWS = [path for path in WORKFLOWS
+                        if USER_CHECKPOINT in path.read_text() and path.stem not in TRAINING_PAIR]
 SIZE = 64
 TEXT = "a red cube on a wooden table"
 
@@ -198,3 +207,48 @@ def test_switching_to_another_model_frees_the_adapter(server):
     log = server.log_text()
     assert log.count(released) > before
     assert "memory leak with model" not in log
+
+
+# -- the example workflows for the user's checkpoint ---------------------------------------------------------
+
+def on_checkpoint(graph: dict, checkpoint: str, size: int = SIZE, steps: int = 3) -> dict:
+    """A workflow for the user's checkpoint on `checkpoint` instead, at a small size and few steps."""
+    for node in graph.values():
+        inputs = node["inputs"]
+        for key in ("ckpt_name", "base_model"):
+            if inputs.get(key) == USER_CHECKPOINT:
+                inputs[key] = checkpoint
+        if node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=size, height=size)
+        elif node["class_type"] == "ApplyInstructImagen":
+            inputs.update(context_width=size, context_height=size)
+        elif node["class_type"] == "KSampler":
+            inputs["steps"] = steps
+    return graph
+
+
+@pytest.mark.parametrize("path", CHECKPOINT_WORKFLOWS, ids=[p.stem for p in CHECKPOINT_WORKFLOWS])
+def test_every_checkpoint_workflow_returns_images(server, path):
+    graph = json.loads(path.read_text())
+    assert any(node["class_type"] == "KSampler" for node in graph.values())
+    assert_images(server, run(server, on_checkpoint(graph, CHECKPOINT)), path.stem)
+
+
+@pytest.fixture(scope="module")
+def full_sd15(model_files) -> str:
+    """A full-size random SD1.5 single file (about 2 GB), written in a process of its own."""
+    path = model_files / "checkpoints" / FULL_CHECKPOINT
+    script = ("import sys; from pathlib import Path; from instruct_bench.speed_comfyui import write_random_checkpoint;"
+              "write_random_checkpoint(Path(sys.argv[1]))")
+    subprocess.run([sys.executable, "-c", script, str(path)], cwd=ROOT, check=True, timeout=900)
+    return path.name
+
+
+def test_an_adapter_trained_for_a_checkpoint_is_saved_and_sampled_by_ksampler(server, full_sd15):
+    train, sample = (on_checkpoint(load(name), full_sd15) for name in TRAINING_PAIR)
+    saver = next(node["inputs"] for node in train.values() if node["class_type"] == "AdapterSaver")
+    saved = server.base / "models" / "instruct_imagen" / f"{saver['adapter_name']}.safetensors"
+    assert not saved.exists()
+    assert_images(server, run(server, train), TRAINING_PAIR[0])
+    assert saved.is_file()
+    assert_images(server, run(server, sample), TRAINING_PAIR[1])

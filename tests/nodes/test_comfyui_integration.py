@@ -29,11 +29,9 @@ NODE_IDS = {"InstructImagenLoader", "ContextImage", "InstructionBuilder", "Multi
             "InstructionFromJSON", "InstructionToJSON", "AdapterSaver", "FineTuneStage", "ApplyInstructImagen",
             "InstructGuider"}
 WORKFLOWS = sorted((ROOT / "workflows" / "api").glob("*.json"))
-# Workflows for the user's own SD1.5 checkpoint run here on random ones. The training pair runs in order,
-# on a full-size one: training loads the checkpoint through the library, which knows the standard shape only.
+# Workflows for the user's own SD1.5 checkpoint run in tests/test_comfyui_compose.py, on random ones.
 USER_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
-TRAINING_PAIR = ("train_adapter", "ksampler_trained_adapter")
-RUN_ALONE = [path for path in WORKFLOWS if path.stem not in TRAINING_PAIR]
+RUN_ALONE = [path for path in WORKFLOWS if USER_CHECKPOINT not in path.read_text()]
 
 # CI sets INSTRUCT_IMAGEN_REQUIRE_COMFYUI=1: there a missing ComfyUI fails these tests instead of skipping them.
 COMFYUI_REQUIRED = os.environ.get("INSTRUCT_IMAGEN_REQUIRE_COMFYUI") == "1"
@@ -168,39 +166,6 @@ def test_help_pages_and_english_strings_are_served(server):
     assert english["nodeCategories"]["Instruct-Imagen"] == "Instruct-Imagen"
 
 
-@pytest.fixture(scope="module")
-def small_sd15(server) -> str:
-    from comfyui_files import write_small_sd15
-
-    return write_small_sd15(server.base / "models" / "checkpoints" / "small_sd15.safetensors").name
-
-
-@pytest.fixture(scope="module")
-def random_sd15(server) -> str:
-    """A full-size random SD1.5 single file (about 2 GB), written in a process of its own."""
-    path = server.base / "models" / "checkpoints" / "random_sd15.safetensors"
-    script = ("import sys; from pathlib import Path; from instruct_bench.speed_comfyui import write_random_checkpoint;"
-              "write_random_checkpoint(Path(sys.argv[1]))")
-    subprocess.run([sys.executable, "-c", script, str(path)], cwd=ROOT, check=True, timeout=900)
-    return path.name
-
-
-def on_checkpoint(graph: dict, checkpoint: str, size: int = 64, steps: int = 3) -> dict:
-    """A workflow for the user's checkpoint on `checkpoint` instead, at a small size and few steps."""
-    for node in graph.values():
-        inputs = node["inputs"]
-        for key in ("ckpt_name", "base_model"):
-            if inputs.get(key) == USER_CHECKPOINT:
-                inputs[key] = checkpoint
-        if node["class_type"] == "EmptyLatentImage":
-            inputs.update(width=size, height=size)
-        elif node["class_type"] == "ApplyInstructImagen":
-            inputs.update(context_width=size, context_height=size)
-        elif node["class_type"] == "KSampler":
-            inputs["steps"] = steps
-    return graph
-
-
 def assert_images(server: Server, entry: dict, name: str) -> None:
     images = [item for outputs in entry["outputs"].values() for item in outputs.get("images", [])]
     assert images, f"{name}: no images"
@@ -211,21 +176,10 @@ def assert_images(server: Server, entry: dict, name: str) -> None:
 
 
 @pytest.mark.parametrize("path", RUN_ALONE, ids=[p.stem for p in RUN_ALONE])
-def test_every_example_workflow_returns_images(server, path, request):
-    graph = json.loads(path.read_text())
-    if USER_CHECKPOINT in path.read_text():
-        graph = on_checkpoint(graph, request.getfixturevalue("small_sd15"))
-    assert_images(server, run(server, graph), path.stem)
+def test_every_example_workflow_returns_images(server, path):
+    assert_images(server, run(server, json.loads(path.read_text())), path.stem)
     if path.stem == "training":
         assert (server.base / "models" / "instruct_imagen" / "example_adapter.safetensors").is_file()
-
-
-def test_an_adapter_trained_for_a_checkpoint_is_saved_and_sampled_by_ksampler(server, random_sd15):
-    train, sample = (on_checkpoint(load(name), random_sd15) for name in TRAINING_PAIR)
-    assert_images(server, run(server, train), TRAINING_PAIR[0])
-    saver = next(node["inputs"] for node in train.values() if node["class_type"] == "AdapterSaver")
-    assert (server.base / "models" / "instruct_imagen" / f"{saver['adapter_name']}.safetensors").is_file()
-    assert_images(server, run(server, sample), TRAINING_PAIR[1])
 
 
 def _edited(name: str, node: str, **inputs) -> dict:
@@ -368,11 +322,12 @@ def test_interrupt_stops_sampling_within_a_step(server):
     assert stopped.get("last", 2) <= 3
 
 
-def test_the_ksampler_comparison_runs_on_the_same_checkpoint(server, random_sd15, tmp_path):
+def test_the_ksampler_comparison_runs_on_the_same_checkpoint(server, tmp_path):
     """`bench comfyui` end to end on a random SD1.5-shaped single file that both samplers load."""
     report_path = tmp_path / "report.json"
     command = [sys.executable, "-m", "instruct_bench", "speed", "comfyui", "--server", server.url,
-               "--checkpoint", random_sd15, "--size", "64", "--steps", "3", "--repeats", "1",
+               "--checkpoint", "random_sd15.safetensors", "--write-random-checkpoint",
+               str(server.base / "models" / "checkpoints"), "--size", "64", "--steps", "3", "--repeats", "1",
                "--json", str(report_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
