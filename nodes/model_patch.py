@@ -10,7 +10,9 @@ positive of CFGGuider's [positive, negative]); the negative gets none.
 
 from __future__ import annotations
 
+import logging
 import math
+import weakref
 
 import comfy.model_patcher
 import comfy.patcher_extension
@@ -179,6 +181,8 @@ def apply_instruct_imagen(model, clip, vae, adapter_path: str | None, instructio
     if not math.isfinite(strength):
         raise InstructionError(f"strength: {strength} is not a finite number")
     adapter, shape = load_adapter_for(model, adapter_path)
+    # Said in the log when the last MODEL holding them is gone: where a leak would show.
+    weakref.finalize(adapter, logging.info, "[Instruct-Imagen] released context layers %s", adapter_path or "none")
     instruction.validate(known_modalities=adapter.config.modalities, max_contexts=adapter.config.max_contexts)
     limits.check_contexts(instruction.contexts, *size)
     if instruction.contexts:

@@ -49,31 +49,16 @@ def random_adapter(server) -> str:
 
 
 def write_random_adapter(path, seed: int = 0) -> None:
+    """Random non-zero context layers for the full SD1.5 layout (tests/comfyui_files.py)."""
+    from comfyui_files import write_random_adapter as write_adapter_for
     from diffusers import UNet2DConditionModel
 
-    from instruct_core.adapter_io import save_adapter
-    from instruct_core.context_attention import aligned_position_init
-    from instruct_core.context_unet import ContextAdapter, ContextAdapterConfig, ContextAugmentedUNet
     from instruct_core.loading import shipped_config_dir
 
     folder = shipped_config_dir("sd1", "epsilon") / "unet"
     with torch.device("meta"):  # the layout only: no 3 GB of base weights
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder)))
-        adapter = ContextAdapter(unet, ContextAdapterConfig())
-    adapter = adapter.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in adapter.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith(("pos_q.weight", "pos_k.weight")):
-                aligned_position_init(param, adapter.layers[name.split(".")[1]].heads)
-            elif "norm_context" in name:
-                param.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
-            elif param.dim() == 2 and "modality" not in name:
-                param.copy_(noise / param.shape[1] ** 0.5)
-            else:
-                param.copy_(0.3 * noise)
-    save_adapter(ContextAugmentedUNet(unet, adapter=adapter), path)
+    write_adapter_for(Path(path), unet, seed)
 
 
 # -- graphs ----------------------------------------------------------------------------------------------
