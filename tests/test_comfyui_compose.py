@@ -10,7 +10,6 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from PIL import Image
 from comfyui_files import small_unet, write_random_adapter, write_random_controlnet, write_random_lora, write_small_sd15
 from instruct_core import client
 from test_comfyui_integration import (  # noqa: F401  (pytestmark: skip without ComfyUI)
-    COMFYUI_PYTHON, ROOT, USER_CHECKPOINT, WORKFLOWS, Server, assert_images, load, pytestmark, run)
+    COMFYUI_PYTHON, USER_CHECKPOINT, WORKFLOWS, Server, assert_images, load, pytestmark, run)
 
 CHECKPOINT = "small_sd15.safetensors"
 LORA = "random_lora.safetensors"
@@ -235,13 +234,9 @@ def test_every_checkpoint_workflow_returns_images(server, path):
 
 
 @pytest.fixture(scope="module")
-def full_sd15(model_files) -> str:
-    """A full-size random SD1.5 single file (about 2 GB), written in a process of its own."""
-    path = model_files / "checkpoints" / FULL_CHECKPOINT
-    script = ("import sys; from pathlib import Path; from instruct_bench.speed_comfyui import write_random_checkpoint;"
-              "write_random_checkpoint(Path(sys.argv[1]))")
-    subprocess.run([sys.executable, "-c", script, str(path)], cwd=ROOT, check=True, timeout=900)
-    return path.name
+def full_sd15(model_files, random_sd15_file) -> str:
+    (model_files / "checkpoints" / FULL_CHECKPOINT).symlink_to(random_sd15_file)
+    return FULL_CHECKPOINT
 
 
 def test_an_adapter_trained_for_a_checkpoint_is_saved_and_sampled_by_ksampler(server, full_sd15):

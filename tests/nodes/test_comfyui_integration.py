@@ -322,12 +322,14 @@ def test_interrupt_stops_sampling_within_a_step(server):
     assert stopped.get("last", 2) <= 3
 
 
-def test_the_ksampler_comparison_runs_on_the_same_checkpoint(server, tmp_path):
+def test_the_ksampler_comparison_runs_on_the_same_checkpoint(server, random_sd15_file, tmp_path):
     """`bench comfyui` end to end on a random SD1.5-shaped single file that both samplers load."""
     report_path = tmp_path / "report.json"
+    checkpoints = server.base / "models" / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / "random_sd15.safetensors").symlink_to(random_sd15_file)
     command = [sys.executable, "-m", "instruct_bench", "speed", "comfyui", "--server", server.url,
-               "--checkpoint", "random_sd15.safetensors", "--write-random-checkpoint",
-               str(server.base / "models" / "checkpoints"), "--size", "64", "--steps", "3", "--repeats", "1",
+               "--checkpoint", "random_sd15.safetensors", "--size", "64", "--steps", "3", "--repeats", "1",
                "--json", str(report_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
