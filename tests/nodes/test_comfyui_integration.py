@@ -29,7 +29,7 @@ NODE_IDS = {"InstructImagenLoader", "ContextImage", "InstructionBuilder", "Multi
             "InstructionFromJSON", "InstructionToJSON", "AdapterSaver", "FineTuneStage", "ApplyInstructImagen",
             "InstructGuider"}
 WORKFLOWS = sorted((ROOT / "workflows" / "api").glob("*.json"))
-# Workflows for the user's own SD1.5 checkpoint run in tests/test_comfyui_compose.py, on random ones.
+# Workflows for the user's own SD1.5 checkpoint run in tests/nodes/test_comfyui_compose.py, on random ones.
 USER_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 RUN_ALONE = [path for path in WORKFLOWS if USER_CHECKPOINT not in path.read_text()]
 

@@ -48,7 +48,7 @@ def random_adapter(server) -> str:
 
 
 def write_random_adapter(path, seed: int = 0) -> None:
-    """Random non-zero context layers for the full SD1.5 layout (tests/comfyui_files.py)."""
+    """Random non-zero context layers for the full SD1.5 layout (tests/nodes/comfyui_files.py)."""
     from comfyui_files import write_random_adapter as write_adapter_for
     from diffusers import UNet2DConditionModel
 

@@ -1,7 +1,7 @@
 """Instruct-Imagen among ComfyUI's own nodes, in a real ComfyUI: a LoRA before it, a ControlNet after it,
 low-VRAM servers, another model after it. On small random files that ComfyUI loads as its own
-(tests/comfyui_files.py). Runs when COMFYUI_PATH and COMFYUI_PYTHON are set, as
-tests/test_comfyui_integration.py does."""
+(tests/nodes/comfyui_files.py). Runs when COMFYUI_PATH and COMFYUI_PYTHON are set, as
+tests/nodes/test_comfyui_integration.py does."""
 
 from __future__ import annotations
 
