@@ -21,6 +21,7 @@ from comfy_api.latest import io
 from PIL import Image
 
 from ..instruct_core.errors import InstructImagenError
+from ..instruct_core.guidance import GUIDANCE_MODES, GuidanceConfig
 from ..instruct_core.instruction import Context
 
 CATEGORY = "Instruct-Imagen"
@@ -195,3 +196,14 @@ def _released(name: str) -> None:
 
 def _offloaded(name: str) -> None:
     logging.info("[Instruct-Imagen] offloaded model %s", name)
+
+
+def guidance_inputs() -> list:
+    """The guidance scales and mode, as InstructSampler and InstructGuider both take them."""
+    return [
+        io.Float.Input("cfg_text", default=5.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                       tooltip="Guidance towards the text."),
+        io.Float.Input("cfg_context", default=GuidanceConfig.context_scale, min=0.0, max=30.0, step=0.1,
+                       round=0.01, tooltip="Guidance towards the context images."),
+        io.Combo.Input("guidance", options=list(GUIDANCE_MODES), default="dual"),
+    ]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..instruct_core.guidance import GUIDANCE_MODES, GuidanceConfig
+from ..instruct_core.guidance import GuidanceConfig
 from ..instruct_core.instruction import RESIZE_POLICIES, MultiModalInstruction
 from . import paths
-from .common import CATEGORY, Instruction, node_errors, with_search_aliases
+from .common import CATEGORY, Instruction, guidance_inputs, node_errors, with_search_aliases
 
 MAX_CONTEXT_SIZE = 2048
 
@@ -70,11 +70,7 @@ class InstructGuider(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Conditioning.Input("positive"),
                 io.Conditioning.Input("negative"),
-                io.Float.Input("cfg_text", default=5.0, min=0.0, max=30.0, step=0.1, round=0.01,
-                               tooltip="Guidance towards the text."),
-                io.Float.Input("cfg_context", default=GuidanceConfig.context_scale, min=0.0, max=30.0, step=0.1,
-                               round=0.01, tooltip="Guidance towards the context images."),
-                io.Combo.Input("guidance", options=list(GUIDANCE_MODES), default="dual"),
+                *guidance_inputs(),
             ],
             outputs=[io.Guider.Output()],
         ), "cfg guider", "dual guidance", "context guidance")

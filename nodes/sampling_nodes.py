@@ -8,7 +8,7 @@ import torch
 from comfy_api.latest import io
 from PIL import Image
 
-from ..instruct_core.guidance import GUIDANCE_MODES, GuidanceConfig
+from ..instruct_core.guidance import GuidanceConfig
 from ..instruct_core.instruction import RESIZE_POLICIES, MultiModalInstruction
 from ..instruct_core.samplers import SAMPLERS
 from ..instruct_core.schedules import DEFAULT_SCHEDULE, SCHEDULES
@@ -20,6 +20,7 @@ from .common import (
     Model,
     ModelHandle,
     comfy_to_images,
+    guidance_inputs,
     images_to_comfy,
     node_errors,
     sampling_memory,
@@ -81,12 +82,7 @@ class InstructSampler(io.ComfyNode):
                 io.Int.Input("steps", default=20, min=1, max=1000),
                 io.Combo.Input("sampler", options=list(SAMPLERS), default="dpmpp_2m"),
                 io.Combo.Input("schedule", options=list(SCHEDULES), default=DEFAULT_SCHEDULE),
-                io.Float.Input("cfg_text", default=5.0, min=0.0, max=30.0, step=0.1, round=0.01,
-                               tooltip="Guidance towards the text."),
-                io.Float.Input("cfg_context", default=GuidanceConfig.context_scale, min=0.0, max=30.0, step=0.1,
-                               round=0.01,
-                               tooltip="Guidance towards the context images."),
-                io.Combo.Input("guidance", options=list(GUIDANCE_MODES), default="dual"),
+                *guidance_inputs(),
                 io.Int.Input("width", default=0, min=0, max=MAX_SIZE, step=4,
                              tooltip="0: the model's native size. Ignored when a latent or init image is given."),
                 io.Int.Input("height", default=0, min=0, max=MAX_SIZE, step=4),
