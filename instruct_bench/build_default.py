@@ -246,7 +246,7 @@ def load_variant(path: Path, device: str = "auto", dtype: str = "auto", folder: 
     if metadata.get("format") != VARIANT_FORMAT:
         raise ValueError(f"{path}: not a default-model variant (format {metadata.get('format')!r})")
     config = ContextAdapterConfig.from_dict(json.loads(metadata["adapter_config"]))
-    pipe = load_default(device=device, dtype=dtype, adapter_config=config, folder=folder)
+    pipe = load_default(device=device, dtype=dtype, adapter_config=config, folder=folder, super_resolution=False)
     tensors = load_file(str(path))
     if metadata.get("text_encoder") == "pretrained":
         pretrained = _pretrained_beside(path)
@@ -314,7 +314,7 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
             # the cooldown continues pretraining: from the base as pretraining left it
             pipe = with_fresh_adapter(load_variant(pretrained_base, device="cpu", folder=folder).base)
         else:  # later phases continue from the saved model (its pretrained base and adapter)
-            pipe = load_default(device="cpu", folder=folder)
+            pipe = load_default(device="cpu", folder=folder, super_resolution=False)
         measured = json.loads((folder / "config.json").read_text()).get("build", {"phases": {}})
         measured["recipe"] = recipe
     size = ARCHITECTURE["unet"]["sample_size"]
@@ -505,7 +505,7 @@ def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subje
     for variant in variants:
         # with no snapshot, stages 1 and 2 left the base as it was pretrained
         pipe = (load_variant(pretrained_base, device="cpu", folder=folder) if pretrained_base.is_file()
-                else load_default(device="cpu", folder=folder))
+                else load_default(device="cpu", folder=folder, super_resolution=False))
         fresh = ContextAdapterConfig.from_dict(config["adapter_config"])
         pipe = InstructImagen(pipe.base, ContextAugmentedUNet(pipe.base.unet, fresh))
         name = variant.replace(":", "_")

@@ -18,6 +18,7 @@ from instruct_core.progress import Progress
 
 # `build-default --scale` multiplies every phase's steps; the bundled recipe at 100 times is weeks on a CPU
 MAX_BUILD_SCALE = 100.0
+SUPER_RESOLUTION_TASKS = ("edge_to_image", "mask_to_image", "depth_to_image", "text_to_image")
 # `speed` sizes: well beyond what a benchmark needs; a larger request is a typo, not a measurement
 MAX_SPEED_BATCH = 256
 MAX_SPEED_CONTEXTS = 64
@@ -37,8 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps (e.g. 0.01 to try)")
     build.add_argument("--phases", default=None,
                        help="comma-separated phases (default: every training phase of the recipe, from pretrain "
-                            "to the last stage-2 phase, then evaluator); also ablations. Training phases run in "
-                            "their order")
+                            "to the last stage-2 phase, then super_resolution and evaluator); also ablations. "
+                            "Training phases run in their order")
+
+    upscale = commands.add_parser("super-resolution", help="measure the bundled super-resolution stage against "
+                                                           "bicubic upscaling; writes SUPER_RESOLUTION.md and "
+                                                           "super_resolution.json into --out")
+    upscale.add_argument("--tasks", default=",".join(SUPER_RESOLUTION_TASKS),
+                         help="comma-separated task names, or all")
+    upscale.add_argument("--examples", type=int, default=48, help="test examples per task")
+    upscale.add_argument("--seed", type=int, default=1234)
+    upscale.add_argument("--out", default="out/super_resolution",
+                         help="output folder (docs to replace the published page)")
 
     evaluate = commands.add_parser("eval", help="score models on the procedural benchmark; writes RESULTS.md, "
                                                 "results.json and plots into --out")
@@ -153,11 +164,11 @@ def run_build_default(args) -> int:
     from .build_default import build_ablations, build_evaluator
 
     folder = Path(args.out) if args.out else DEFAULT_DIR
-    known = (*TRAINING_PHASES, "evaluator", "ablations")
+    known = (*TRAINING_PHASES, "super_resolution", "evaluator", "ablations")
     if args.phases:
         phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     else:
-        phases = [*TRAINING_PHASES, "evaluator"]
+        phases = [*TRAINING_PHASES, "super_resolution", "evaluator"]
     unknown = sorted(set(phases) - set(known))
     if unknown:
         raise UsageError(f"--phases: unknown phase {unknown[0]!r} (known: {', '.join(known)})")
@@ -166,6 +177,12 @@ def run_build_default(args) -> int:
     training = tuple(p for p in TRAINING_PHASES if p in phases)
     if training:
         build(folder, Path(args.work_dir), recipe, phases=training, log=log, progress=progress)
+    if "super_resolution" in phases:
+        from . import super_resolution
+
+        sr_recipe = {**super_resolution.RECIPE,
+                     "steps": max(1, round(super_resolution.RECIPE["steps"] * args.scale))}
+        super_resolution.build(folder, Path(args.work_dir) / "super_resolution", sr_recipe, log=log)
     if "evaluator" in phases:
         build_evaluator(folder, log=log, progress=progress)
     if "ablations" in phases:
@@ -202,6 +219,34 @@ def run_eval(args) -> int:
                          [t for t in tasks if t in ZERO_SHOT_TASKS], results_file(args.out), this_command(),
                          time.perf_counter() - started, reused=len(reused))
     print(path)
+    return 0
+
+
+def run_super_resolution(args) -> int:
+    import json
+    import platform
+    import time
+
+    import torch
+
+    from .evaluation import source_commit
+    from .super_resolution import measure, results_page
+
+    tasks = benchmark_tasks(args.tasks)
+    check_at_least("--examples", args.examples, 1)
+    check_at_most("--examples", args.examples, 10_000)
+    check_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results = measure(tasks, args.examples, args.seed, log=lambda line: print(line, flush=True))
+    minutes = (time.perf_counter() - started) / 60
+    machine = (f"{platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}; "
+               f"the run took {minutes:.1f} minutes")
+    (out / "super_resolution.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    page = out / "SUPER_RESOLUTION.md"
+    page.write_text(results_page(results, this_command(), source_commit(), machine))
+    print(page)
     return 0
 
 
@@ -348,7 +393,7 @@ def run_demo_examples(args) -> int:
 
 
 COMMANDS = {"build-default": run_build_default, "eval": run_eval, "demo": run_demo, "demo-examples": run_demo_examples,
-            "speed": run_speed}
+            "speed": run_speed, "super-resolution": run_super_resolution}
 
 
 def main(argv: list[str] | None = None) -> int:

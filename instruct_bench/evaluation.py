@@ -59,7 +59,7 @@ def variant_pipe(variant: str, folder: Path = DEFAULT_DIR):
                                 trains_base)
 
     if variant == "full":
-        return load_default(device="cpu", folder=folder)
+        return load_default(device="cpu", folder=folder, super_resolution=False)
     config = json.loads((folder / "config.json").read_text())
     if variant == "text_only":
         pretrained = pretrained_base_file(folder)
@@ -70,14 +70,14 @@ def variant_pipe(variant: str, folder: Path = DEFAULT_DIR):
                                    f"base, so its own base is not the pretrained one); run `python -m instruct_bench "
                                    f"build-default` first")
         adapter_config = ContextAdapterConfig.from_dict(config["adapter_config"])
-        return load_default(device="cpu", adapter_config=adapter_config, folder=folder)
+        return load_default(device="cpu", adapter_config=adapter_config, folder=folder, super_resolution=False)
     path = ablations_dir(folder) / f"{variant.replace(':', '_')}.safetensors"
     if not path.is_file():
         raise MissingFileError(f"variant {variant}: {path} is missing; run `python -m instruct_bench build-default "
                                f"--phases ablations` first")
     if is_variant_file(path):
         return load_variant(path, device="cpu", folder=folder)
-    return load_default(device="cpu", adapter=str(path), folder=folder)
+    return load_default(device="cpu", adapter=str(path), folder=folder, super_resolution=False)
 
 
 def load_evaluator():

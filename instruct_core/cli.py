@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--init-image", default=None, help="start from this image (img2img)")
     gen.add_argument("--denoise", type=float, default=1.0, help="with --init-image: how much to change it")
     gen.add_argument("--root", default=None, help="refuse instruction image paths outside this folder")
+    gen.add_argument("--no-upscale", dest="upscale", action="store_false",
+                     help="skip the model's super-resolution stage (the bundled model: write its 32x32 base images "
+                          "instead of 128x128 ones)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
     train = commands.add_parser("train", help="train the context layers (stage 1 or 2) from a YAML config")
@@ -77,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tasks", default="all", help="comma-separated example names (one per task), or all")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--steps", type=int, default=12)
+    demo.add_argument("--no-upscale", dest="upscale", action="store_false",
+                      help="skip the model's super-resolution stage")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
 
     return parser
@@ -153,7 +158,7 @@ def run_generate(args) -> int:
         result = pipe.generate(instruction, seed=args.seed, steps=args.steps, sampler=args.sampler,
                                schedule=args.schedule, guidance=guidance, width=width, height=height,
                                batch_size=args.batch, init_image=init, denoise=args.denoise,
-                               callback=lambda info: progress.update())
+                               callback=lambda info: progress.update(), upscale=args.upscale)
     for path in save_images(result.images, out):
         print(path)
     return 0
@@ -195,7 +200,7 @@ def run_demo(args) -> int:
     pipe = load_pipeline(args.model, args.adapter, args.device, args.dtype)
     with Progress(len(names), "demo", "image", enabled=not args.quiet) as progress:
         sheet = write_demo(pipe, Path(args.out), shipped_examples(names), seed=args.seed, steps=args.steps,
-                           log=progress.write, progress=progress.follow)
+                           log=progress.write, progress=progress.follow, upscale=args.upscale)
     print(sheet)
     return 0
 

@@ -21,7 +21,7 @@ from .models import DEFAULT_MODEL_DIR, DEFAULT_TEXT_SCALE
 from .pipeline import save_png, tensor_to_pil
 
 EXAMPLES_DIR = DEFAULT_MODEL_DIR / "examples"
-CELL = 96          # contact-sheet cell size; the default model draws 32x32, enlarged without smoothing
+CELL = 132         # contact-sheet cell size: 128x128 results at their own size, 32x32 contexts enlarged 4x
 LABEL_WIDTH = 150
 MAX_CONTEXT_COLUMNS = 3
 
@@ -57,15 +57,17 @@ def shipped_examples(names: list[str], folder: Path = EXAMPLES_DIR) -> list[Demo
 
 def run_demo(pipe, out_dir: Path, examples: list[DemoExample], *, seed: int = 0, steps: int = 12,
              text_scale: float = DEFAULT_TEXT_SCALE, context_scale: float = GuidanceConfig.context_scale,
-             log: Callable[[str], None] = print, progress=None) -> Path:
+             log: Callable[[str], None] = print, progress=None, upscale: bool = True) -> Path:
     """Generate every example with `pipe`, write the folders and return the contact sheet's path. The guidance
-    scales default to those the bundled model was measured with. `progress(done, total)` follows the examples."""
+    scales default to those the bundled model was measured with. `progress(done, total)` follows the examples;
+    `upscale` runs the model's super-resolution stage (where it has one) on every result."""
     size = pipe.native_size
     guidance = GuidanceConfig(text_scale, context_scale)
     items = []
     for done, example in enumerate(examples):
         cond = pipe.encode_instruction(example.instruction, (size, size))
-        images = pipe.sample(cond, seed=seed, steps=steps, guidance=guidance, width=size, height=size).images
+        images = pipe.sample(cond, seed=seed, steps=steps, guidance=guidance, width=size, height=size,
+                             upscale=upscale).images
         item = write_example_folder(out_dir / example.name, example, tensor_to_pil(images[0]))
         items.append(item)
         log(f"{example.name}: {item.folder / 'result.png'}")

@@ -2,6 +2,7 @@
 
     instruction ──encode_instruction──▶ Conditioning (text + ContextState, computed once)
                  ──GuidedDenoiser + sampler──▶ model-space sample ──decode──▶ images in [0, 1]
+                 ──super-resolution stage (a cascade such as the bundled model's; optional)──▶ final images
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .guidance import Conditioning, GuidanceConfig, GuidedDenoiser, cat_text
 from .instruction import InstructionError, MultiModalInstruction, check_text, prepare_context_image, prepare_mask
 from .loading import BaseModel
 from .samplers import SAMPLERS, check_sampler_sigmas, prepare_noise
+from .super_resolution import SuperResolution
 from .schedules import (DEFAULT_SCHEDULE, SCHEDULES, DiscreteSchedule, denoise_schedule_length, get_sigmas,
                         sigmas_for_denoise)
 
@@ -34,10 +36,12 @@ SEED_RANGE = (-(2**63), 2**64 - 2)
 
 @dataclass
 class GenerationResult:
-    images: torch.Tensor   # (B, 3, H, W) float in [0, 1], on the CPU
+    images: torch.Tensor   # (B, 3, H, W) float in [0, 1], on the CPU: the final images (after super-resolution)
     latents: torch.Tensor  # (B, C, h, w) raw VAE latents (unscaled), or pixels in [-1, 1] for pixel-space models
     seed: int
     info: dict = field(default_factory=dict)
+    # the base model's own images, before a super-resolution stage (the same tensor as `images` without one)
+    base_images: torch.Tensor | None = None
 
 
 def pil_to_tensor(image) -> torch.Tensor:
@@ -140,7 +144,7 @@ class InstructImagen:
     """A base model (UNet, text encoders, optional VAE) with a context adapter, ready to follow instructions."""
 
     def __init__(self, base: BaseModel, model: ContextAugmentedUNet, long_text: str = "chunk",
-                 timesteps: str = "nearest"):
+                 timesteps: str = "nearest", super_resolution: SuperResolution | None = None):
         if long_text not in LONG_TEXT:
             raise ValueError(f"long_text: expected one of {', '.join(LONG_TEXT)}, got {long_text!r}")
         if timesteps not in TIMESTEP_MODES:
@@ -150,6 +154,8 @@ class InstructImagen:
         self.schedule = DiscreteSchedule.from_scheduler_config(base.scheduler_config)
         self.long_text = long_text
         self.timesteps = timesteps
+        # a cascade's next stage: `sample` runs it on the base's images unless told not to
+        self.super_resolution = super_resolution
 
     @classmethod
     def from_base(cls, base: BaseModel, adapter: str | None = None,
@@ -180,6 +186,8 @@ class InstructImagen:
             modules[f"text_encoder_{index}"] = encoder
         if self.base.vae is not None:
             modules["vae"] = self.base.vae
+        if self.super_resolution is not None:
+            modules["super_resolution"] = self.super_resolution.unet
         return modules
 
     @property
@@ -370,17 +378,23 @@ class InstructImagen:
                schedule: str = DEFAULT_SCHEDULE, guidance: GuidanceConfig | None = None, width: int | None = None,
                height: int | None = None, batch_size: int = 1, init_image: torch.Tensor | None = None,
                denoise: float = 1.0, mask: torch.Tensor | None = None,
-               callback: Callable[[dict], None] | None = None) -> GenerationResult:
+               callback: Callable[[dict], None] | None = None, upscale: bool = True) -> GenerationResult:
         """Sample `batch_size` images per conditioning row. `init_image` (B or 1, 3, H, W) in [0, 1] with
         `denoise` < 1 is img2img; with `mask` (B or 1, 1, H, W) in [0, 1], only where the mask is 1 is
         regenerated and the rest keeps `init_image` (inpainting). `callback(info)` runs after every step and
-        may raise SamplingCancelled."""
+        may raise SamplingCancelled. With a super-resolution stage (`self.super_resolution`) and `upscale`,
+        the images are the stage's (factor times the size; `base_images` and `latents` stay at the base size)."""
         width = self.native_size if width is None else width
         height = self.native_size if height is None else height
         self._check_sample_arguments(cond, seed, steps, sampler, schedule, denoise, init_image is not None,
                                      batch_size, guidance)
         total = cond.num_rows * batch_size
         self.check_size(width, height, total)
+        if not isinstance(upscale, bool):
+            raise InstructionError(f"upscale: expected True or False, got {upscale!r}")
+        stage = self.super_resolution if upscale else None
+        if stage is not None:
+            stage.check_output_size(width, height, total)
         contexts = cond.context_state.max_contexts if cond.has_contexts else 0
         self.check_memory(width, height, total, 4 if contexts else 2, contexts)
         cond = self._with_size(cond.repeat_rows(batch_size), width, height)
@@ -411,8 +425,13 @@ class InstructImagen:
                                    f"{schedule}, {steps} steps, guidance {guidance or GuidanceConfig()}); nothing "
                                    f"was decoded")
         latents = sample.float() / (self.base.vae_scaling_factor if self.base.vae is not None else 1.0)
-        return GenerationResult(self.to_images(sample), latents.cpu(), seed,
-                                {"steps": len(sigmas) - 1, "sampler": sampler, "schedule": schedule})
+        info = {"steps": len(sigmas) - 1, "sampler": sampler, "schedule": schedule}
+        base_images = images = self.to_images(sample)
+        if stage is not None:
+            images = stage.upscale(base_images, cond.text, seed=seed)
+            info["super_resolution"] = {"factor": stage.factor, "steps": stage.config.steps,
+                                        "noise_level": stage.config.noise_level}
+        return GenerationResult(images, latents.cpu(), seed, info, base_images)
 
     @staticmethod
     def _check_sample_arguments(cond, seed, steps, sampler, schedule, denoise, with_init, batch_size,

@@ -74,7 +74,9 @@ class InstructSampler(io.ComfyNode):
             display_name="Instruct Sampler (Instruct-Imagen)",
             category=CATEGORY,
             description="Sample images that follow the encoded instruction. LATENT holds raw VAE latents (for a "
-                        "pixel-space model such as 'tiny', the pixels in [-1, 1]); IMAGE is the decoded result.",
+                        "pixel-space model such as 'tiny', the pixels in [-1, 1]) at the base size; IMAGE is the "
+                        "final result: for a cascade such as the bundled 'default' model, the super-resolution "
+                        "stage's (128x128 from the 32x32 base) unless upscale is off.",
             inputs=[
                 Model.Input("model"),
                 Conditioning.Input("conditioning"),
@@ -91,6 +93,9 @@ class InstructSampler(io.ComfyNode):
                                tooltip="Below 1 with a latent or init image: how much of it is redrawn."),
                 io.Latent.Input("latent", optional=True, tooltip="Start from this LATENT (img2img)."),
                 io.Image.Input("init_image", optional=True, tooltip="Start from this IMAGE (img2img)."),
+                io.Boolean.Input("upscale", default=True, optional=True,
+                                 tooltip="Run the model's super-resolution stage on the result (models that have "
+                                         "one, such as 'default': 32x32 to 128x128). Off: IMAGE at the base size."),
             ],
             outputs=[io.Latent.Output(display_name="LATENT"), io.Image.Output(display_name="IMAGE")],
         ), "ksampler", "generate image", "txt2img", "img2img")
@@ -98,7 +103,7 @@ class InstructSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model: ModelHandle, conditioning: EncodedInstruction, seed: int, steps: int, sampler: str,
                 schedule: str, cfg_text: float, cfg_context: float, guidance: str, width: int, height: int,
-                batch_size: int, denoise: float, latent=None, init_image=None) -> io.NodeOutput:
+                batch_size: int, denoise: float, latent=None, init_image=None, upscale: bool = True) -> io.NodeOutput:
         if conditioning.model_key != model.key:
             raise ValueError("conditioning: it was encoded by another model; connect the same model to "
                              "MultiModalEncode and InstructSampler")
@@ -123,7 +128,7 @@ class InstructSampler(io.ComfyNode):
                 conditioning.cond, seed=seed, steps=steps, sampler=sampler, schedule=schedule,
                 guidance=GuidanceConfig(cfg_text, cfg_context, guidance), width=width, height=height,
                 batch_size=batch_size, init_image=init, denoise=denoise if init is not None else 1.0,
-                mask=mask, callback=step_callback(pipe, progress))
+                mask=mask, callback=step_callback(pipe, progress), upscale=upscale)
         return io.NodeOutput({"samples": result.latents}, images_to_comfy(result.images))
 
 

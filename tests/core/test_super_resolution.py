@@ -1,0 +1,133 @@
+"""The super-resolution stage: sampling, its file, its checks, and the pipeline running it after the base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from instruct_core.errors import InstructImagenError, MissingFileError
+from instruct_core.instruction import MultiModalInstruction
+from instruct_core.models import load_pipeline
+from instruct_core.super_resolution import (SUPER_RESOLUTION_WEIGHTS, SuperResolution, SuperResolutionConfig,
+                                            SuperResolutionError)
+
+TEXT_WIDTH = 32  # the tiny base's text encoder
+
+
+def tiny_stage(seed: int = 0, steps: int = 3) -> SuperResolution:
+    unet = {"sample_size": 32, "in_channels": 6, "out_channels": 3, "block_out_channels": [16, 32],
+            "layers_per_block": 1, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": TEXT_WIDTH,
+            "attention_head_dim": 8, "norm_num_groups": 8, "class_embed_type": "timestep"}
+    return SuperResolution.build(SuperResolutionConfig(unet=unet, steps=steps), seed=seed)
+
+
+def images(rows: int = 2, side: int = 8) -> torch.Tensor:
+    return torch.rand(rows, 3, side, side, generator=torch.Generator().manual_seed(1))
+
+
+def text(rows: int = 1) -> torch.Tensor:
+    return torch.randn(rows, 5, TEXT_WIDTH, generator=torch.Generator().manual_seed(2))
+
+
+def test_upscale_gives_factor_times_the_size_and_a_seed_gives_one_picture():
+    stage = tiny_stage()
+    first = stage.upscale(images(), text(), seed=3)
+    assert first.shape == (2, 3, 32, 32)
+    assert 0.0 <= float(first.min()) and float(first.max()) <= 1.0
+    assert torch.equal(first, stage.upscale(images(), text(), seed=3))
+    assert not torch.equal(first, stage.upscale(images(), text(), seed=4))
+
+
+def test_the_low_resolution_input_and_its_noise_level_reach_the_model():
+    stage = tiny_stage()
+    base = stage.upscale(images(), text(), seed=0, noise_level=0)
+    assert not torch.allclose(base, stage.upscale(images() * 0.5, text(), seed=0, noise_level=0))
+    assert not torch.allclose(base, stage.upscale(images(), text(), seed=0, noise_level=300))
+
+
+def test_saved_stage_loads_with_the_same_weights(tmp_path):
+    stage = tiny_stage(steps=2)
+    stage.save(tmp_path)
+    loaded = SuperResolution.load(tmp_path)
+    assert loaded.config == stage.config
+    for name, value in stage.unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[name], value.half().float()), name
+    stage.unet.load_state_dict({k: v.half().float() for k, v in stage.unet.state_dict().items()})
+    assert torch.equal(stage.upscale(images(), text(), seed=1), loaded.upscale(images(), text(), seed=1))
+
+
+def test_a_missing_or_mismatched_file_is_an_error_naming_it(tmp_path):
+    with pytest.raises(MissingFileError, match="super_resolution.json"):
+        SuperResolution.load(tmp_path)
+    tiny_stage().save(tmp_path)
+    (tmp_path / SUPER_RESOLUTION_WEIGHTS).unlink()
+    with pytest.raises(MissingFileError, match=SUPER_RESOLUTION_WEIGHTS):
+        SuperResolution.load(tmp_path)
+    other = tmp_path / "other"
+    tiny_stage().save(other)
+    wider = tiny_stage()
+    wider.config.unet = {**wider.config.unet, "block_out_channels": [16, 48]}
+    (other / "super_resolution.json").write_text(__import__("json").dumps(wider.config.to_dict()))
+    with pytest.raises(SuperResolutionError, match="does not match its config"):
+        SuperResolution.load(other)
+
+
+@pytest.mark.parametrize("call, named", [
+    (lambda s: s.upscale(images(), torch.randn(1, 5, 64)), "width 64"),
+    (lambda s: s.upscale(images(), text(3)), "super-resolution text"),
+    (lambda s: s.upscale(images()[:, :1], text()), "super-resolution images"),
+    (lambda s: s.upscale(images(), text(), noise_level=351), "noise level"),
+    (lambda s: s.upscale(images(), text(), steps=0), "steps"),
+    (lambda s: s.upscale(images(), text(), sampler="nope"), "sampler"),
+    (lambda s: s.upscale(images(), text(), schedule="nope"), "schedule"),
+    (lambda s: s.upscale(torch.rand(1, 3, 8, 4000), text()), "upscale"),
+])
+def test_bad_requests_are_refused_naming_what_is_wrong(call, named):
+    with pytest.raises(InstructImagenError, match=named):
+        call(tiny_stage())
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch():
+    stage = tiny_stage()
+    low, high = images(4, 8) * 2 - 1, torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    optimizer = torch.optim.Adam(stage.unet.parameters(), lr=2e-3)
+    losses = []
+    stage.unet.train()
+    for step in range(40):
+        loss = stage.training_loss(low, high, text(4), generator=torch.Generator().manual_seed(step % 4))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert sum(losses[-4:]) < 0.7 * sum(losses[:4])
+
+
+@pytest.fixture(scope="module")
+def cascade():
+    pipe = load_pipeline("tiny", device="cpu")
+    pipe.super_resolution = tiny_stage()
+    return pipe
+
+
+def test_the_pipeline_runs_the_stage_after_the_base_and_can_skip_it(cascade):
+    instruction = MultiModalInstruction(text="a red circle", contexts=[])
+    upscaled = cascade.generate(instruction, seed=5, steps=2, width=16, height=16)
+    assert upscaled.images.shape == (1, 3, 64, 64)
+    assert upscaled.base_images.shape == (1, 3, 16, 16)
+    assert upscaled.latents.shape == (1, 3, 16, 16)
+    assert upscaled.info["super_resolution"]["factor"] == 4
+    plain = cascade.generate(instruction, seed=5, steps=2, width=16, height=16, upscale=False)
+    assert plain.images.shape == (1, 3, 16, 16) and "super_resolution" not in plain.info
+    assert torch.equal(plain.images, upscaled.base_images)  # the base is the same with or without the stage
+    assert "super_resolution" in cascade.weight_modules()  # hosts move the stage with the rest
+
+
+def test_an_upscaled_size_over_the_limits_is_refused_before_the_base_samples(cascade):
+    steps = []
+    with pytest.raises(SuperResolutionError, match="upscale off"):
+        cascade.generate(MultiModalInstruction(text="a", contexts=[]), steps=2, width=2560, height=256,
+                         callback=lambda info: steps.append(info))
+    assert steps == []
+    with pytest.raises(InstructImagenError, match="upscale: expected True or False"):
+        cascade.generate(MultiModalInstruction(text="a", contexts=[]), steps=2, width=16, height=16, upscale="no")
