@@ -1,7 +1,8 @@
 """Named models: the bundled default, small models built in code, or a user's checkpoint.
 
-The bundled default is a small pixel-space (Imagen-like) model; its folder holds `model.safetensors` (fp16: UNet,
-text encoder, adapter) and `config.json` (its architecture, adapter settings and how it was built). The harness
+The bundled default is a small pixel-space (Imagen-like) cascade; its folder holds `model.safetensors` (fp16: the
+32x32 base UNet, text encoder, adapter), `config.json` (its architecture, adapter settings and how it was built),
+and the 128x128 super-resolution stage (`super_resolution.safetensors`, `super_resolution.json`). The harness
 (`python -m instruct_bench build-default`) trains and writes it; this module only reads it.
 """
 
@@ -14,6 +15,7 @@ import torch
 
 from .errors import MissingFileError
 from .pipeline import InstructImagen
+from .super_resolution import SuperResolution
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 DEFAULT_WEIGHTS = "model.safetensors"
@@ -45,8 +47,9 @@ def build_default_base(architecture: dict, seed: int = 0):
 
 
 def load_default(adapter: str | None = None, device: str = "auto", dtype: str = "auto", adapter_config=None,
-                 folder: Path = DEFAULT_MODEL_DIR) -> InstructImagen:
-    """The bundled model as an InstructImagen; `adapter` replaces its own trained adapter."""
+                 folder: Path = DEFAULT_MODEL_DIR, super_resolution: bool = False) -> InstructImagen:
+    """The bundled model as an InstructImagen; `adapter` replaces its own trained adapter. With
+    `super_resolution` (the default) its super-resolution stage is loaded too, and `sample` runs it."""
     from safetensors.torch import load_file
 
     from .context_unet import ContextAdapterConfig, ContextAugmentedUNet
@@ -75,6 +78,9 @@ def load_default(adapter: str | None = None, device: str = "auto", dtype: str = 
     target_dtype = torch.float32 if dtype == "auto" and target_device.type == "cpu" else resolve_dtype(dtype, target_device)
     pipe.model.to(device=target_device, dtype=target_dtype)
     pipe.base.text_encoders[0].to(target_device)
+    if super_resolution:
+        pipe.super_resolution = SuperResolution.load(folder, device=target_device)
+        pipe.super_resolution.unet.to(dtype=target_dtype)
     return pipe
 
 
