@@ -10,7 +10,9 @@ Models ("variants"), all starting from the default model's pretrained base:
     single:<task> stage 2 on one task only (a one-task mix)
 Where the recipe's stages train the base too, each variant carries its own base (`default_model.save_variant`)
 and text_only is the base as pretraining left it.
-Each example is generated once per variant with the same seed; scores come from `metrics`. Intervals
+Each example is generated once per variant with the same seed; scores come from `metrics`. Depth examples are
+generated a second time, with the same seed, with the overlapping objects' depths exchanged (`tasks.swap_depths`),
+for `metrics.depth_swap`: whether the model puts in front what the depth map says. Intervals
 are 95% percentile bootstrap intervals of the mean over examples (1000 resamples, seeded).
 Given a cache folder, each variant's score on each task is kept there under a key of everything it depends on
 (the settings, the weights the variant loaded, the evaluator, this package's code), so an interrupted
@@ -35,6 +37,7 @@ from .build_default import DEFAULT_DIR, evaluator_file
 
 EVALUATOR_FILE = evaluator_file(DEFAULT_DIR)
 SINGLE_TASKS = ("edge_to_image", "subject")
+DEPTH_SWAP_TASKS = ("depth_to_image",)
 
 
 @dataclass
@@ -106,6 +109,25 @@ def generate_for(pipe, examples, settings: EvalSettings) -> list:
     return images
 
 
+def depth_swap_scores(pipe, examples, images, settings: EvalSettings) -> list[float | None]:
+    """`metrics.depth_swap` per example: its image against the one generated for it with its overlapping objects'
+    depths exchanged. Both are sampled in the same batches with the same seeds, so only the depth map differs;
+    an example without overlapping objects is generated unchanged and scores None."""
+    from .metrics import depth_swap
+    from .tasks import swap_depths
+
+    swapped = [swap_depths(e) if _overlapping(e) else e for e in examples]
+    swapped_images = generate_for(pipe, swapped, settings)
+    return [depth_swap(image, e.scene, other, s.scene) if s is not e else None
+            for e, image, s, other in zip(examples, images, swapped, swapped_images)]
+
+
+def _overlapping(example) -> bool:
+    from .scenes import overlaps
+
+    return bool(np.triu(overlaps(example.scene, example.target.height), 1).any())
+
+
 def bootstrap_interval(values, seed: int = 0, resamples: int = 1000) -> tuple[float, float, float]:
     """Mean and its 95% percentile-bootstrap interval."""
     values = np.asarray(values, dtype=np.float64)
@@ -140,7 +162,11 @@ def evaluate(variants: list[str], tasks: list[str], settings: EvalSettings, log=
             summary = _cached(cache, variant, task, key)
             if summary is None:
                 examples = splits[task]
-                scores = score_batch(examples, generate_for(pipe, examples, settings), evaluator)
+                images = generate_for(pipe, examples, settings)
+                scores = score_batch(examples, images, evaluator)
+                if task in DEPTH_SWAP_TASKS:
+                    for score, value in zip(scores, depth_swap_scores(pipe, examples, images, settings)):
+                        score["depth_swap"] = value
                 summary = {}
                 for metric in sorted({k for s in scores for k, v in s.items() if isinstance(v, float)}):
                     values = [s[metric] for s in scores if isinstance(s.get(metric), float)]
@@ -247,7 +273,9 @@ def _evaluate_one(job) -> dict:
     return results, reused
 
 
-KEY_METRICS = ("edge_f1", "mask_iou", "depth_order", "subject", "style", "hole", "text")
+KEY_METRICS = ("edge_f1", "mask_iou", "depth_order", "depth_swap", "subject", "style", "hole", "text", "colour")
+# What the text and the depth map ask for beyond the layout, each in its own table
+FOLLOWING_METRICS = ("colour", "depth_order", "depth_swap")
 
 
 def _cell(summary: dict, metric: str) -> str:
@@ -265,11 +293,12 @@ def results_table(results: dict, tasks: list[str], metric: str) -> str:
     return "\n".join(lines)
 
 
-def components_table(results: dict, tasks: list[str]) -> str:
+def components_table(results: dict, tasks: list[str], metric_names: tuple[str, ...] = KEY_METRICS) -> str:
+    """A row per task and metric (of `metric_names`) that some variant has for the task."""
     variants = list(results)
     lines = ["| task | metric | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
     for task in tasks:
-        for metric in KEY_METRICS:
+        for metric in metric_names:
             if any(metric in results[v][task] for v in variants):
                 lines.append(f"| {task} | {metric} | " + " | ".join(_cell(results[v][task], metric)
                                                                     for v in variants) + " |")
@@ -430,7 +459,15 @@ def write_results(results: dict, settings: EvalSettings, in_domain: list[str], z
         text += ["## Overall score O, zero-shot compositions (never trained)", "",
                  "Held-out subjects and styles, combined in ways no training example shows.", "",
                  results_table(results, zero_shot, "overall"), "", "![zero-shot](results_zero_shot.png)", ""]
-    text += ["## Semantic consistency SC", "", results_table(results, in_domain + zero_shot, "sc"), "",
+    text += ["## Named colour and depth order", "",
+             "**colour**: the share of plain objects whose named colour the evaluator reads at their place (every "
+             "task whose text names colours that no style repaints; within text alignment where the task has it). "
+             "**depth_order**: in depth-to-image, the share of the pixels where two objects overlap that show the "
+             "nearer one. **depth_swap**: the share of depth examples where the image for the depth map and the "
+             "image for the same instruction with the two overlapping objects' depths exchanged (same seed) both "
+             "show the nearer object in front: 0 for a model that draws one order whatever the map says.", "",
+             components_table(results, in_domain + zero_shot, FOLLOWING_METRICS), "",
+             "## Semantic consistency SC", "", results_table(results, in_domain + zero_shot, "sc"), "",
              "## Components", "", components_table(results, in_domain + zero_shot), "",
              "## How the default model was trained", "", "```json", json.dumps(config.get("build", {}), indent=2),
              "```", ""]

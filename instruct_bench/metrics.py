@@ -12,6 +12,10 @@ takes the label of the part whose colours it is nearest (`segment`). From that l
   `tolerance` of a silhouette's border left out;
 - depth order (`depth_order`): where two objects overlap, the share of the overlap that shows the
   nearer one's colours (None when no two objects overlap by a few pixels);
+- depth swap (`depth_swap`): for an image and the one generated, with the same seed, for the same
+  instruction with the overlapping objects' depths exchanged (`tasks.swap_depths`), whether both
+  show the nearer object in front: a model that draws one order whatever the depth map says
+  scores 0, one that follows it 1;
 - hole agreement (`hole_agreement`): for inpainting, the share of hole pixels within
   `HOLE_TOLERANCE` of the target, averaged over the hole's object and background pixels.
 
@@ -27,7 +31,10 @@ occupied with the objects' cells, so clutter costs as much as absence; and each 
 colour and size as read at its ground-truth cell, colour skipped under a style, which repaints
 it, shape and colour skipped for subjects, whose identity "subject" measures), "control" (edge
 F1 for edge and sketch controls, mask IoU for masks, mask IoU and depth order for depth),
-"subject", "style" and "hole". The perceptual-quality proxy PQ is the evaluator's probability
+"subject", "style" and "hole". Named colour at its place ("colour": the share of plain objects
+whose colour the evaluator reads at their cell; None where the text names no object's colour, or a
+style repaints it) is reported for every task, within "text" where the task has it and on its own
+otherwise. The perceptual-quality proxy PQ is the evaluator's probability
 that the image is a clean render (trained against noise, blur, ghosting and blob corruptions of
 renders). The overall score follows Instruct-Imagen's O = sqrt(SC * PQ).
 
@@ -60,7 +67,9 @@ __all__ = [
     "SC_COMPONENTS",
     "Evaluator",
     "EvaluatorOutput",
+    "colour_at_place",
     "depth_order",
+    "depth_swap",
     "edge_f1",
     "evaluator_accuracy",
     "extract_edges",
@@ -192,6 +201,16 @@ def depth_order(image, scene: Scene, size: int | None = None) -> float | None:
             hits += int((shown[overlap] == a).sum())
             total += int(overlap.sum())
     return None if total == 0 else hits / total
+
+
+def depth_swap(image, scene: Scene, swapped_image, swapped_scene: Scene) -> float | None:
+    """1.0 when `image` (for `scene`) and `swapped_image` (for `swapped_scene`, the same objects
+    with the overlapping ones' depths exchanged) both show the nearer object in most of each
+    overlap, else 0.0; None when either order is unreadable."""
+    orders = (depth_order(image, scene), depth_order(swapped_image, swapped_scene))
+    if None in orders:
+        return None
+    return float(all(order > 0.5 for order in orders))
 
 
 def _alike(scene: Scene, size: int, a: int, b: int) -> bool:
@@ -620,7 +639,8 @@ def score_batch(examples: Sequence, images: Sequence, evaluator: Evaluator) -> l
 
     Generated images of another size are resized to the example's target size first. Metrics a
     task does not use are left out; a component that does not apply (depth order without
-    overlapping objects) is None and left out of SC.
+    overlapping objects) is None and left out of SC. Every example has "colour" (named colour at
+    its place, None where no colour is named), which counts towards SC only within "text".
     """
     if len(examples) != len(images):
         raise ValueError(f"images: {len(images)} images for {len(examples)} examples")
@@ -658,6 +678,7 @@ def _score(example, image, output: EvaluatorOutput, row: int) -> dict:
             kept = 255 - np.asarray(example.meta["hole"].convert("L"))
             metrics["kept"] = hole_agreement(pixels, example.target, kept)
             parts.append(metrics["hole"])
+    metrics["colour"] = colour_at_place(scene, output, row)
     metrics["sc"] = float(np.mean(parts))
     metrics["pq"] = float(output.clean[row])
     metrics["overall"] = math.sqrt(metrics["sc"] * metrics["pq"])
@@ -690,11 +711,25 @@ def _text_alignment(scene: Scene, output: EvaluatorOutput, row: int) -> dict:
         if obj.subject is not None:
             continue
         checks["shape"].append(float(output.shape[row, cell].argmax() == scenes.SHAPES.index(obj.shape)))
-        if scene.style is None:
-            checks["colour"].append(float(output.colour[row, cell].argmax() == list(scenes.COLOURS).index(obj.colour)))
+    checks["colour"] = _colour_checks(scene, output, row)
     result = {name: float(np.mean(values)) for name, values in checks.items() if values}
     result["text"] = float(np.mean([v for values in checks.values() for v in values]))
     return result
+
+
+def colour_at_place(scene: Scene, output: EvaluatorOutput, row: int) -> float | None:
+    """The share of the scene's plain objects whose colour the evaluator reads at their cell; None
+    where there is none, or a style repaints their colours (the caption's names no longer apply)."""
+    checks = _colour_checks(scene, output, row)
+    return float(np.mean(checks)) if checks else None
+
+
+def _colour_checks(scene: Scene, output: EvaluatorOutput, row: int) -> list[float]:
+    if scene.style is not None:
+        return []
+    colours = list(scenes.COLOURS)
+    return [float(output.colour[row, obj.cell].argmax() == colours.index(obj.colour))
+            for obj in scene.objects if obj.subject is None]
 
 
 def summarise(scores: Sequence[dict]) -> dict[str, dict[str, float]]:

@@ -23,6 +23,9 @@ Subjects and styles are what text alone does not pin down:
   luminance ramp), a texture (grain or hatching), outlines and posterisation. The last two are
   held out; they recombine ingredients of the others (and one brings a new ramp).
 
+Depth scenes (`sample_overlapping_scene`) put two objects of clearly different colours in neighbouring
+cells, one partly in front of the other, so that a picture shows which one is nearer.
+
 Positions are named on a 3 x 3 grid (left/center/right x top/middle/bottom); an object's anchor (the
 centre of its bounding box) lies well inside its cell, so the cell is never ambiguous.
 """
@@ -67,6 +70,7 @@ __all__ = [
     "edge_pixels",
     "layout",
     "object_phrase",
+    "overlaps",
     "position_phrase",
     "render",
     "render_background",
@@ -78,6 +82,7 @@ __all__ = [
     "render_style_reference",
     "render_subject_reference",
     "sample_hole",
+    "sample_overlapping_scene",
     "sample_scene",
     "scene_palette",
     "style_by_name",
@@ -128,6 +133,17 @@ _OBJECT_SHADE = 0.55    # pattern stripes/dots: the colour darkened to this (bla
 _BACKGROUND_PERIOD = 0.125
 _OBJECT_PERIOD = 0.11
 _SUBJECT_SCALE = 0.85   # subjects carry a feature outside the body, so their bodies are smaller
+# Overlapping pairs (`sample_overlapping_scene`), measured at 32 x 32: the shared pixels of the two
+# silhouettes, and what the farther object keeps in view of its silhouette and of the square around
+# its anchor (a quarter of the side across), where its cell is read.
+OVERLAP_PIXELS = 8
+_FAR_VISIBLE = 0.7
+_FAR_ANCHOR_VISIBLE = 0.75
+_ANCHOR_WINDOW = 0.25
+_OVERLAP_TRIES = 200
+# Cells sharing a side: objects anchored in them can overlap while each anchor stays in its cell.
+_NEIGHBOUR_CELLS = tuple((a, b) for a in range(9) for b in range(a + 1, 9)
+                         if (b - a == 1 and a % 3 != 2) or b - a == 3)
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -350,6 +366,103 @@ def vary_scene(scene: Scene, rng: np.random.Generator, *, move: bool = False) ->
     if rng.random() < 0.5:
         background = Background(background.colour, BACKGROUND_PATTERNS[int(rng.integers(4))])
     return Scene(background, tuple(objects), scene.style, int(rng.integers(2**31)))
+
+
+def sample_overlapping_scene(rng: np.random.Generator, *, extra_object: float = 0.3) -> Scene:
+    """A scene whose first two objects overlap: plain objects of clearly different colours (every
+    colour of one at least MIN_CONTRAST from every colour of the other) in neighbouring cells, the
+    nearer one hiding part of the farther one. With probability `extra_object` a third object
+    stands apart in another cell.
+
+    The pair shares at least OVERLAP_PIXELS of silhouette at 32 x 32, so a picture shows which one
+    is in front, while the farther one keeps most of its silhouette and of the square around its
+    anchor in view, so its shape and colour can still be read at its cell. Which of the two is
+    nearer, and which one the caption names first, are drawn at random.
+    """
+    count = 3 if rng.random() < extra_object else 2
+    for _ in range(_OVERLAP_TRIES):
+        background = _sample_background(rng, [], None)
+        depths = _sample_depths(rng, count)
+        pair = _overlapping_pair(rng, background, depths[:2])
+        if pair is not None:
+            break
+    else:
+        raise RuntimeError("could not place two overlapping objects")
+    objects = list(pair)
+    if count == 3:
+        third = _object_apart(rng, background, objects, depths[2])
+        objects += [] if third is None else [third]
+    return Scene(background, tuple(objects), None, int(rng.integers(2**31)))
+
+
+def _overlapping_pair(rng, background: Background, depths: list[float]) -> tuple[SceneObject, ...] | None:
+    """Two objects at `depths` posed in a random pair of neighbouring cells, or None when the draw
+    does not overlap as `sample_overlapping_scene` asks."""
+    allowed = _contrasting_colours(background.colour, None)
+    if len(allowed) < 2:
+        return None
+    cells = _NEIGHBOUR_CELLS[int(rng.integers(len(_NEIGHBOUR_CELLS)))]
+    if rng.random() < 0.5:
+        cells = cells[::-1]
+    colours = [allowed[int(i)] for i in rng.choice(len(allowed), size=2, replace=False)]
+    specs = [(colour, _object_pattern(rng, colour, background)) for colour in colours]
+    if _distance_between(*specs) < MIN_CONTRAST:
+        return None
+    pair = tuple(_posed(SHAPES[int(rng.integers(len(SHAPES)))], colour, pattern, None,
+                        list(SIZES)[int(rng.integers(len(SIZES)))], cell, depth, rng)
+                 for (colour, pattern), cell, depth in zip(specs, cells, depths))
+    return pair if _overlap_readable(Scene(background, pair)) else None
+
+
+def _object_pattern(rng, colour: str, background: Background) -> str:
+    pattern = OBJECT_PATTERNS[int(rng.choice(3, p=[0.5, 0.25, 0.25]))]
+    if _min_contrast(_object_colours(colour, pattern), background.colour, None) < MIN_CONTRAST:
+        return "plain"  # the pattern's shade would melt into the background
+    return pattern
+
+
+def _distance_between(first: tuple[str, str], second: tuple[str, str]) -> float:
+    """The smallest contrast between a colour of one (colour, pattern) and a colour of the other."""
+    return min(_contrast(a, b) for a in _object_colours(*first) for b in _object_colours(*second))
+
+
+def _overlap_readable(scene: Scene) -> bool:
+    """Whether the scene's two objects overlap enough to show their order, and the farther one stays in view."""
+    pair = scene.objects
+    plan = layout(scene, 32)
+    if int((plan.object_masks[0] & plan.object_masks[1]).sum()) < OVERLAP_PIXELS:
+        return False
+    far = 0 if pair[0].depth > pair[1].depth else 1
+    owner = np.array([-1] + [part.object_index for part in plan.parts])
+    shown = owner[plan.labels] == far
+    if shown.sum() < _FAR_VISIBLE * plan.object_masks[far].sum():
+        return False
+    x, y = _grid(32)
+    anchor = pair[far].position
+    window = (np.abs(x - anchor[0]) < _ANCHOR_WINDOW / 2) & (np.abs(y - anchor[1]) < _ANCHOR_WINDOW / 2)
+    return bool(shown[window].mean() >= _FAR_ANCHOR_VISIBLE)
+
+
+def _object_apart(rng, background: Background, placed: list[SceneObject], depth: float) -> SceneObject | None:
+    """A plain object in a free cell, in a colour of its own where the background leaves one,
+    overlapping the placed ones no more than `sample_scene`'s objects do; None if none fits."""
+    allowed = _contrasting_colours(background.colour, None)
+    unused = [c for c in allowed if c not in {o.colour for o in placed}] or allowed
+    colour = unused[int(rng.integers(len(unused)))]
+    pattern = _object_pattern(rng, colour, background)
+    for _ in range(16):
+        candidate = _posed(SHAPES[int(rng.integers(len(SHAPES)))], colour, pattern, None,
+                           list(SIZES)[int(rng.integers(len(SIZES)))], _free_cell(rng, placed), depth, rng)
+        if all(_far_enough(candidate, other) for other in placed):
+            return candidate
+    return None
+
+
+def overlaps(scene: Scene, size: int = 32) -> np.ndarray:
+    """(objects, objects) int: the pixels each two objects' full silhouettes share at `size` (the
+    diagonal holds each silhouette's own pixels)."""
+    masks = layout(scene, size).object_masks.reshape(len(scene.objects), -1).astype(np.int64)
+    return masks @ masks.T
 
 
 def _as_subjects(subject) -> list[Subject]:

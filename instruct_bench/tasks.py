@@ -14,6 +14,9 @@ Tasks (`BENCH_TASKS`):
                                    control_subject  edge map + subject ref + text
                                    control_style    sketch, mask or depth map + style ref + text
 
+Depth-to-image scenes hold two overlapping objects (`scenes.sample_overlapping_scene`), so that the depth map
+decides which one is in front; `swap_depths` gives the same example with the other one in front.
+
 Edge map + style reference is already the in-domain `style_transfer` (content given as its edge
 map, as `tasks.StyleTransfer` does), so `control_style` composes a style with the *other* controls.
 
@@ -36,7 +39,7 @@ subject or style.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image
@@ -59,6 +62,7 @@ __all__ = [
     "make_example",
     "make_split",
     "stage1_items",
+    "swap_depths",
 ]
 
 SPLITS = ("train", "test")
@@ -152,9 +156,9 @@ def _control_context(modality: str, scene: Scene, size: int, context_id: int) ->
     return Context(id=context_id, modality=modality, text=f"[ref#{context_id}] {words}", image=draw(scene, size))
 
 
-def _control_task(modality):
+def _control_task(modality, sample_scene=scenes.sample_scene):
     def build(rng, pools, size):
-        scene = scenes.sample_scene(rng)
+        scene = sample_scene(rng)
         context = _control_context(modality, scene, size, 1)
         return _Draft(scene, [context], {"ref": context.marker, "caption": _caption(scene, rng)},
                       {"control": modality})
@@ -292,7 +296,8 @@ _TASK_LIST = (
         "Keep the near and far layers of {ref}: {caption}",
         "Following the depth in {ref}, draw {caption}",
         "Arrange near and far objects as in {ref}: {caption}",
-    ), _control_task("depth")),
+    # Overlapping objects, so that the depth map decides which one a picture shows in front.
+    ), _control_task("depth", scenes.sample_overlapping_scene)),
     BenchTask("subject", (
         "Generate an image of {caption}",
         "Create a picture with {caption}",
@@ -448,6 +453,30 @@ def make_split(
                      meta={"split": split, "index": i, "seed": seed})
         for i in range(n)
     ]
+
+
+def swap_depths(example: BenchExample) -> BenchExample:
+    """`example` with the depths of its two most overlapping objects exchanged: the same text and
+    the same objects in the same places, the other one in front. Its depth map and target are
+    drawn from the swapped scene, so an image generated for each (`metrics.depth_swap`) tells
+    whether a model puts in front what the depth map says, or always the same object."""
+    size = example.target.height
+    shared = scenes.overlaps(example.scene, size)
+    np.fill_diagonal(shared, 0)
+    depth_contexts = [c for c in example.instruction.contexts if c.modality == "depth"]
+    if not depth_contexts:
+        raise ValueError(f"example: {example.task} example {example.meta.get('index')} has no depth map")
+    if shared.max() == 0:
+        raise ValueError(f"example: no two objects overlap in {example.task} example {example.meta.get('index')}")
+    a, b = (int(i) for i in np.unravel_index(np.argmax(shared), shared.shape))
+    objects = list(example.scene.objects)
+    objects[a], objects[b] = (replace(objects[a], depth=objects[b].depth),
+                              replace(objects[b], depth=objects[a].depth))
+    scene = replace(example.scene, objects=tuple(objects))
+    depth = scenes.render_depth(scene, size)
+    contexts = [replace(c, image=depth) if c.modality == "depth" else c for c in example.instruction.contexts]
+    return BenchExample(example.task, replace(example.instruction, contexts=contexts), scenes.render(scene, size), scene,
+                        {**example.meta, "depths_swapped": (a, b)})
 
 
 def _rng(seed: int, stream: str, task: str | None, index: int) -> np.random.Generator:
