@@ -70,3 +70,14 @@ def build_tiny_base(seed: int = 0, pixel_space: bool = True, sample_size: int = 
         scheduler_config=dict(TINY_SCHEDULER, prediction_type=prediction_type), prediction_type=prediction_type,
         kind="custom", vae_scaling_factor=0.18215 if vae is not None else 1.0, source="tiny",
     )
+
+
+def tiny_super_resolution(seed: int = 0, steps: int = 3, text_width: int = 32):
+    """A random-weight super-resolution stage (4x) that reads the tiny base's text embeddings."""
+    from .super_resolution import SuperResolution, SuperResolutionConfig
+
+    unet = {"sample_size": 32, "in_channels": 6, "out_channels": 3, "block_out_channels": [16, 32],
+            "layers_per_block": 1, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": text_width,
+            "attention_head_dim": 8, "norm_num_groups": 8, "class_embed_type": "timestep"}
+    return SuperResolution.build(SuperResolutionConfig(unet=unet, steps=steps), seed=seed)

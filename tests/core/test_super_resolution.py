@@ -8,18 +8,14 @@ import torch
 from instruct_core.errors import InstructImagenError, MissingFileError
 from instruct_core.instruction import MultiModalInstruction
 from instruct_core.models import load_pipeline
-from instruct_core.super_resolution import (SUPER_RESOLUTION_WEIGHTS, SuperResolution, SuperResolutionConfig,
-                                            SuperResolutionError)
+from instruct_core.super_resolution import SUPER_RESOLUTION_WEIGHTS, SuperResolution, SuperResolutionError
+from instruct_core.tiny import tiny_super_resolution
 
 TEXT_WIDTH = 32  # the tiny base's text encoder
 
 
 def tiny_stage(seed: int = 0, steps: int = 3) -> SuperResolution:
-    unet = {"sample_size": 32, "in_channels": 6, "out_channels": 3, "block_out_channels": [16, 32],
-            "layers_per_block": 1, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": TEXT_WIDTH,
-            "attention_head_dim": 8, "norm_num_groups": 8, "class_embed_type": "timestep"}
-    return SuperResolution.build(SuperResolutionConfig(unet=unet, steps=steps), seed=seed)
+    return tiny_super_resolution(seed=seed, steps=steps, text_width=TEXT_WIDTH)
 
 
 def images(rows: int = 2, side: int = 8) -> torch.Tensor:

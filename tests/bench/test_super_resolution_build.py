@@ -1,0 +1,71 @@
+"""The bundled super-resolution stage's training data, training loop and results page (the harness side)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from instruct_core.tiny import tiny_super_resolution as tiny_stage
+from instruct_bench import scenes
+from instruct_bench.super_resolution import (HIGH_SIZE, LOW_SIZE, random_crops, results_page, train,
+                                             training_pairs)
+from instruct_bench.tasks import make_split
+
+
+def test_training_pairs_are_one_scene_at_both_sizes():
+    low, high, texts = training_pairs(2, seed=5, tasks=("edge_to_image", "styled_generation"), log=lambda line: None)
+    assert low.shape == (4, 3, LOW_SIZE, LOW_SIZE) and high.shape == (4, 3, HIGH_SIZE, HIGH_SIZE)
+    assert float(low.min()) >= -1 and float(high.max()) <= 1
+    example = make_split("edge_to_image", "train", 2, seed=5)[0]
+    assert texts[0] == example.instruction.text
+    truth = np.asarray(scenes.render(example.scene, HIGH_SIZE), dtype=np.float32) / 127.5 - 1
+    assert np.allclose(high[0].permute(1, 2, 0).numpy(), truth, atol=1e-6)
+    # the large picture, averaged down, is the small one (up to the renderer's rounding and grain)
+    pooled = F.avg_pool2d(high, HIGH_SIZE // LOW_SIZE)
+    assert float((pooled - low).abs().mean()) < 0.05
+    other = F.avg_pool2d(high.roll(1, 0), HIGH_SIZE // LOW_SIZE)
+    assert float((other - low).abs().mean()) > 0.1
+
+
+def test_crops_take_the_same_window_of_both_sizes():
+    low = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    high = F.interpolate(low, scale_factor=4, mode="nearest")
+    low_crop, high_crop = random_crops(low, high, 16, 4, torch.Generator().manual_seed(1))
+    assert low_crop.shape == (6, 3, 4, 4) and high_crop.shape == (6, 3, 16, 16)
+    assert torch.equal(F.interpolate(low_crop, scale_factor=4, mode="nearest"), high_crop)
+    assert len({tuple(c.flatten()[:3].tolist()) for c in low_crop}) > 1  # windows differ between rows
+
+
+def test_training_lowers_the_loss_and_resumes_from_its_checkpoint(tmp_path):
+    stage = tiny_stage()
+    low = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    high = F.interpolate(low, scale_factor=4, mode="nearest")
+    text = torch.randn(8, 5, 32, generator=torch.Generator().manual_seed(1))
+    recipe = {"seed": 0, "steps": 250, "batch_size": 4, "crop": 16, "lr": 2e-3, "warmup_steps": 5,
+              "text_dropout": 0.1}
+    measured = train(stage, low, high, text, torch.zeros(5, 32), recipe, tmp_path, log=lambda line: None)
+    assert measured["loss_last_50"] < 0.6 * measured["loss_first_50"]
+    assert (tmp_path / "super_resolution_state.pt").is_file()
+    again = tiny_stage(seed=9)  # another start: resuming must replace it with the trained weights
+    lines = []
+    train(again, low, high, text, torch.zeros(5, 32), recipe, tmp_path, log=lines.append)
+    assert lines[0] == "super-resolution: resumed at step 250"
+    for name, value in stage.unet.state_dict().items():
+        assert torch.equal(again.unet.state_dict()[name], value), name
+
+
+def test_results_page_shows_the_command_and_every_task():
+    interval = (0.5, 0.4, 0.6)
+    summary = {name: interval for name in ("edge_f1_stage", "edge_f1_bicubic", "edge_f1_gain", "mask_iou_stage",
+                                           "mask_iou_bicubic", "mask_iou_gain", "evaluator_agreement")}
+    results = {"settings": {"examples": 48, "seed": 1234, "base_steps": 12,
+                            "stage": {"steps": 8, "sampler": "dpmpp_2m", "schedule": "karras_capped",
+                                      "noise_level": 100}},
+               "tasks": {"edge_to_image": {**summary, "seconds_per_image": {"base": 0.1, "stage": 0.05}},
+                         "mask_to_image": {**summary, "seconds_per_image": {"base": 0.1, "stage": 0.05}}}}
+    page = results_page(results, "python -m instruct_bench super-resolution", "`abc`", "the machine")
+    assert "`python -m instruct_bench super-resolution`" in page and "the machine" in page
+    rows = [line for line in page.splitlines() if line.startswith("| edge_to_image") or
+            line.startswith("| mask_to_image")]
+    assert len(rows) == 2 and "0.500 [0.400, 0.600]" in rows[0]
