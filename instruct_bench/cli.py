@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="folder keeping each score under a key of what it depends on (settings, weights, "
                                "evaluator, code): a rerun reuses them, so an interrupted eval goes on; '' for none")
 
+    diagnose = commands.add_parser("diagnose", help="how far apart a model's text encoder holds colour and shape "
+                                                    "words (cosine between captions, linear probe); prints JSON")
+    diagnose.add_argument("--variants", default="full,text_only")
+    diagnose.add_argument("--captions", type=int, default=400)
+    diagnose.add_argument("--seed", type=int, default=0)
+
     demo = commands.add_parser("demo", help="one image per benchmark task, beside its instruction, contexts and "
                                             "ground truth, and a contact sheet")
     demo.add_argument("--out", required=True, help="output folder")
@@ -250,6 +256,23 @@ def run_super_resolution(args) -> int:
     return 0
 
 
+def run_diagnose(args) -> int:
+    import json
+
+    from .diagnostics import word_separation
+    from .evaluation import variant_pipe
+
+    check_at_least("--captions", args.captions, 8)
+    check_at_most("--captions", args.captions, 100_000)
+    check_seed(args.seed)
+    variants = [v for v in args.variants.split(",") if v]
+    if not variants:
+        raise UsageError("--variants: name at least one model variant")
+    report = {variant: word_separation(variant_pipe(variant), args.captions, args.seed) for variant in variants}
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def int_list(flag: str, text: str, minimum: int, maximum: int) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(",")[:64] if part.strip())
@@ -393,7 +416,7 @@ def run_demo_examples(args) -> int:
 
 
 COMMANDS = {"build-default": run_build_default, "eval": run_eval, "demo": run_demo, "demo-examples": run_demo_examples,
-            "speed": run_speed, "super-resolution": run_super_resolution}
+            "speed": run_speed, "super-resolution": run_super_resolution, "diagnose": run_diagnose}
 
 
 def main(argv: list[str] | None = None) -> int:

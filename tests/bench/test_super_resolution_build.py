@@ -69,3 +69,19 @@ def test_results_page_shows_the_command_and_every_task():
     rows = [line for line in page.splitlines() if line.startswith("| edge_to_image") or
             line.startswith("| mask_to_image")]
     assert len(rows) == 2 and "0.500 [0.400, 0.600]" in rows[0]
+
+
+def test_word_separation_tells_an_encoder_that_reads_words_from_one_that_cannot():
+    from instruct_bench.diagnostics import word_separation
+    from instruct_core.models import load_pipeline
+
+    pipe = load_pipeline("tiny", device="cpu")
+    reading = word_separation(pipe, captions=64)
+    assert set(reading) == {"colour", "shape"}
+    for kind in reading.values():
+        assert kind["probe_accuracy"] > 3 * kind["chance"] and kind["cosine"] < 1.0
+    # an encoder that sees no token ids (every embedding the same) holds no word apart
+    pipe.base.text_encoders[0].get_input_embeddings().weight.data.zero_()
+    blind = word_separation(pipe, captions=64)
+    for kind in blind.values():
+        assert kind["cosine"] > 0.999 and kind["probe_accuracy"] <= 2 * kind["chance"]
