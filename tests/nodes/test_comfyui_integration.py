@@ -37,8 +37,11 @@ RUN_ALONE = [path for path in WORKFLOWS if USER_CHECKPOINT not in path.read_text
 COMFYUI_REQUIRED = os.environ.get("INSTRUCT_IMAGEN_REQUIRE_COMFYUI") == "1"
 COMFYUI_MISSING = "set COMFYUI_PATH and COMFYUI_PYTHON to run against a real ComfyUI"
 
-pytestmark = pytest.mark.skipif(not (COMFYUI_PATH and COMFYUI_PYTHON) and not COMFYUI_REQUIRED,
-                                reason=COMFYUI_MISSING)
+# With pytest-xdist (`-n 2 --dist loadgroup`, as CI runs) the real-ComfyUI modules share one worker: one server
+# and one full-size checkpoint in memory at a time, while the other worker runs the rest of the suite.
+pytestmark = [pytest.mark.skipif(not (COMFYUI_PATH and COMFYUI_PYTHON) and not COMFYUI_REQUIRED,
+                                 reason=COMFYUI_MISSING),
+              pytest.mark.xdist_group("real_comfyui")]
 
 
 def free_port() -> int:
