@@ -62,13 +62,14 @@ def test_results_page_shows_the_command_and_every_task():
     results = {"settings": {"examples": 48, "seed": 1234, "base_steps": 12,
                             "stage": {"steps": 8, "sampler": "dpmpp_2m", "schedule": "karras_capped",
                                       "noise_level": 100}},
-               "tasks": {"edge_to_image": {**summary, "seconds_per_image": {"base": 0.1, "stage": 0.05}},
-                         "mask_to_image": {**summary, "seconds_per_image": {"base": 0.1, "stage": 0.05}}}}
+               "tasks": {task: {**summary, "seconds_per_image": {"base": 0.1, "stage": 0.05},
+                                "seconds_one_image": {"base": 0.3, "stage": 0.2}}
+                         for task in ("edge_to_image", "mask_to_image")}}
     page = results_page(results, "python -m instruct_bench super-resolution", "`abc`", "the machine")
     assert "`python -m instruct_bench super-resolution`" in page and "the machine" in page
     rows = [line for line in page.splitlines() if line.startswith("| edge_to_image") or
             line.startswith("| mask_to_image")]
-    assert len(rows) == 2 and "0.500 [0.400, 0.600]" in rows[0]
+    assert len(rows) == 4 and "0.500 [0.400, 0.600]" in rows[0] and rows[2].endswith("| 0.300 | 0.200 |")
 
 
 def test_word_separation_tells_an_encoder_that_reads_words_from_one_that_cannot():
