@@ -47,7 +47,7 @@ def build_default_base(architecture: dict, seed: int = 0):
 
 
 def load_default(adapter: str | None = None, device: str = "auto", dtype: str = "auto", adapter_config=None,
-                 folder: Path = DEFAULT_MODEL_DIR, super_resolution: bool = False) -> InstructImagen:
+                 folder: Path = DEFAULT_MODEL_DIR, super_resolution: bool = True) -> InstructImagen:
     """The bundled model as an InstructImagen; `adapter` replaces its own trained adapter. With
     `super_resolution` (the default) its super-resolution stage is loaded too, and `sample` runs it."""
     from safetensors.torch import load_file

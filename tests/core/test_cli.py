@@ -37,7 +37,13 @@ def test_generate_end_to_end_in_a_real_process(example, tmp_path):
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
     image = Image.open(out)
-    assert image.size == (32, 32) and image.mode == "RGB"
+    assert image.size == (128, 128) and image.mode == "RGB"  # the bundled cascade: 32x32 base, 128x128 stage
+    base = tmp_path / "out" / "base.png"
+    proc = subprocess.run([sys.executable, "-m", "instruct_core", "generate", "--instruction",
+                           str(example / "instruction.json"), "--out", str(base), "--steps", "3", "--quiet",
+                           "--no-upscale"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(base).size == (32, 32)
 
 
 def test_malformed_instruction_exits_2_naming_the_missing_reference(example, tmp_path):

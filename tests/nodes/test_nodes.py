@@ -257,6 +257,18 @@ def test_sampling_is_seeded_and_img2img_follows_the_latent(model):
     assert init[1].shape == (1, 32, 32, 3)
 
 
+def test_the_bundled_cascade_gives_128_pixel_images_and_a_base_size_latent():
+    default = N["InstructImagenLoader"].execute("default", "none", "fp32")[0]
+    cond = N["MultiModalEncode"].execute(default, build("a large red circle in the center"), 0, 0, "crop")[0]
+    latent, image = sample(default, cond, steps=3, width=0, height=0)
+    assert image.shape == (1, 128, 128, 3) and latent["samples"].shape == (1, 3, 32, 32)
+    base_latent, base_image = sample(default, cond, steps=3, width=0, height=0, upscale=False)
+    assert base_image.shape == (1, 32, 32, 3) and torch.equal(base_latent["samples"], latent["samples"])
+    # the large image is the base image, drawn sharper: averaged down, it is close to it
+    pooled = torch.nn.functional.avg_pool2d(image.permute(0, 3, 1, 2), 4).permute(0, 2, 3, 1)
+    assert float((pooled - base_image).abs().mean()) < 0.08
+
+
 def test_a_latent_noise_mask_keeps_what_it_does_not_cover(model):
     """SetLatentNoiseMask's convention: the mask (any resolution, 1 = regenerate) rides in the LATENT."""
     cond = N["MultiModalEncode"].execute(model, build("a cat"), 0, 0, "crop")[0]
