@@ -84,13 +84,6 @@ SUBJECT_MIX = {"subject": 0.60, "styled_generation": 0.08, "style_transfer": 0.0
                "text_to_image": 0.04, "edge_to_image": 0.03, "sketch_to_image": 0.03, "mask_to_image": 0.03,
                "depth_to_image": 0.03}
 
-# Depth scenes whose objects overlap (the depth map's order is only readable where they do) came after the
-# phases above; the overlap phase teaches them, with the tasks that name colours at a place, and keeps a share of
-# subjects and of every other task, so those are not forgotten.
-OVERLAP_MIX = {"depth_to_image": 0.35, "subject": 0.20, "text_to_image": 0.10, "mask_to_image": 0.06,
-               "edge_to_image": 0.05, "sketch_to_image": 0.04, "styled_generation": 0.06, "style_transfer": 0.07,
-               "inpainting": 0.07}
-
 # The seeded text encoder reads each token in the light of the ones before it: a caption under a phrasing never
 # seen in training read as another caption (cosine to its own states 0.70-0.80, between two captions 0.83), and
 # the held-out phrasings lost the subject's place. Random words before half the texts taught nothing with the
@@ -111,14 +104,11 @@ RECIPE = {
     "stage2_wording": {"steps": 2000, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "train_base": "full",
                        "lr_schedule": "linear", "mix": SUBJECT_MIX, "p_filler_words": 0.5, "max_filler_words": 8,
                        "train_text_encoder": True},
-    "stage2_overlap": {"steps": 1000, "batch_size": 12, "lr": 2e-4, "warmup_steps": 20, "train_base": "full",
-                       "lr_schedule": "linear", "mix": OVERLAP_MIX, "p_filler_words": 0.5, "max_filler_words": 8,
-                       "train_text_encoder": True},
     "single_task_steps": 200,  # the single-task ablations' budget
 }
 
 PRETRAIN_PHASES = ("pretrain", "pretrain_cooldown")
-STAGE2_PHASES = ("stage2", "stage2_focus", "stage2_cooldown", "stage2_subjects", "stage2_wording", "stage2_overlap")
+STAGE2_PHASES = ("stage2", "stage2_focus", "stage2_cooldown", "stage2_subjects", "stage2_wording")
 TRAINING_PHASES = (*PRETRAIN_PHASES, "stage1", *STAGE2_PHASES)
 
 # The weights only the harness reads (the ablations, the pretrained base, the evaluator) live beside it, not in the

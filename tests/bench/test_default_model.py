@@ -26,6 +26,9 @@ pytestmark = pytest.mark.skipif(not default_model_available(), reason="no defaul
 def test_bundled_files_are_small_and_described():
     weights = DEFAULT_DIR / WEIGHTS
     assert weights.stat().st_size < 40 * 2**20
+    stage = DEFAULT_DIR / "super_resolution.safetensors"
+    assert stage.stat().st_size <= 15 * 10**6  # the super-resolution stage: at most 15 MB
+    assert json.loads((DEFAULT_DIR / "super_resolution.json").read_text())["factor"] == 4
     config = json.loads((DEFAULT_DIR / "config.json").read_text())
     assert {"architecture", "adapter_config", "build"} <= set(config)
     phases = config["build"]["phases"]
@@ -47,9 +50,10 @@ def test_default_model_generates_deterministically():
 
     pipe = load_default(device="cpu")
     example = make_split("edge_to_image", "test", 1, seed=3)[0]
-    a = pipe.generate(example.instruction, seed=1, steps=6).images
-    b = pipe.generate(example.instruction, seed=1, steps=6).images
-    assert torch.equal(a, b) and a.shape == (1, 3, 32, 32)
+    first = pipe.generate(example.instruction, seed=1, steps=6)
+    a, b = first.images, pipe.generate(example.instruction, seed=1, steps=6).images
+    assert torch.equal(a, b) and a.shape == (1, 3, 128, 128)  # the base's 32x32, through the stage
+    assert first.base_images.shape == (1, 3, 32, 32)
     assert a.std() > 0.05  # an image, not a flat field
 
 
