@@ -25,7 +25,7 @@ TALL_NODES = {"LoadImage": 330, "LoadImageMask": 330, "SaveImage": 300, "Instruc
 INPUTS = "instruct_imagen/"  # where the pack copies workflows/inputs/ inside ComfyUI's input directory
 
 SAMPLING = dict(seed=1, steps=10, sampler="dpmpp_2m", schedule="karras_capped", cfg_text=3.0, cfg_context=3.0,
-                guidance="dual", width=0, height=0, batch_size=1, denoise=1.0)
+                guidance="dual", width=0, height=0, batch_size=1, denoise=1.0, upscale=True)
 # The user's own SD1.5 checkpoint (models/checkpoints), sampled by ComfyUI's KSampler.
 USER_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 USER_SIZE = 512

@@ -72,7 +72,9 @@ def test_the_registry_archive_carries_what_comfyui_runs_and_nothing_of_the_harne
 
     assert not [f for f in archive if f.startswith(("tests/", "instruct_bench/", ".ci/"))]
     weights = [f for f in archive if f.endswith((".safetensors", ".bin", ".ckpt", ".pt"))]
-    assert weights == ["instruct_core/default_model/model.safetensors"], "only the bundled model's weights ship"
+    assert sorted(weights) == ["instruct_core/default_model/model.safetensors",
+                               "instruct_core/default_model/super_resolution.safetensors"], \
+        "only the bundled model's weights (base and super-resolution stage) ship"
     assert not [f for f in archive if f.startswith("docs/") and not f.endswith(".md")], "docs images stay out"
 
 
