@@ -247,7 +247,8 @@ def run_super_resolution(args) -> int:
     started = time.perf_counter()
     results = measure(tasks, args.examples, args.seed, log=lambda line: print(line, flush=True))
     minutes = (time.perf_counter() - started) / 60
-    machine = (f"{platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}; "
+    threads = torch.get_num_threads()
+    machine = (f"{platform.machine()} CPU ({threads} thread{'s' if threads != 1 else ''}), torch {torch.__version__}; "
                f"the run took {minutes:.1f} minutes")
     (out / "super_resolution.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
     page = out / "SUPER_RESOLUTION.md"

@@ -183,7 +183,8 @@ def measure(tasks=MEASURED_TASKS, examples: int = 48, seed: int = 1234, folder: 
     results: dict = {"settings": {"examples": examples, "seed": seed, "base_steps": settings.steps,
                                   "stage": {"steps": stage.config.steps, "sampler": stage.config.sampler,
                                             "schedule": stage.config.schedule,
-                                            "noise_level": stage.config.noise_level}},
+                                            "noise_level": stage.config.noise_level,
+                                            "denoise": stage.config.denoise}},
                      "tasks": {}}
     for task in tasks:
         chunk = make_split(task, "test", examples, seed=seed, size=LOW_SIZE)
@@ -262,11 +263,11 @@ def results_page(results: dict, command: str, commit: str, machine: str) -> str:
         "| | |",
         "|---|---|",
         f"| command | `{command}` |",
-        f"| commit | `{commit}` |",
+        f"| commit | {commit} |",
         f"| machine | {machine} |",
         f"| base sampling | {settings['base_steps']} steps, as in RESULTS.md |",
         f"| stage sampling | {stage['sampler']}, {stage['schedule']}, {stage['steps']} steps, noise level "
-        f"{stage['noise_level']} |",
+        f"{stage['noise_level']}, denoise {stage.get('denoise', 1.0)} |",
         "",
         "| task | edge F1 stage | edge F1 bicubic | gain | mask IoU stage | mask IoU bicubic | gain | agreement |",
         "|---|---|---|---|---|---|---|---|",

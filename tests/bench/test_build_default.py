@@ -70,7 +70,7 @@ def test_a_build_saves_a_loadable_model_and_what_each_phase_measured(built):
         record = measured["phases"][phase]
         assert record["steps"] == SMALL[phase]["steps"] and record["seconds"] > 0, phase
         assert (root / "work" / phase / dm.RUN_RECORD).is_file(), phase
-    pipe = dm.load_default(device="cpu", folder=root / "model")
+    pipe = dm.load_default(device="cpu", folder=root / "model", super_resolution=False)
     assert all(layer.heads == layer.to_q.out_features // 32 for layer in pipe.model.adapter.layers.values())
 
 
@@ -104,7 +104,7 @@ def test_adapter_checkpoints_on_another_base_are_stale(built, tmp_path):
 
     root, _ = built
     folder, work = copy_of(root, tmp_path)
-    pipe = dm.load_default(device="cpu", folder=folder)
+    pipe = dm.load_default(device="cpu", folder=folder, super_resolution=False)
     with torch.no_grad():  # as if pretraining had been rerun
         pipe.base.unet.conv_in.weight.add_(0.01)
     dm.save_default(pipe, folder)
@@ -170,9 +170,9 @@ def test_stages_that_train_the_base_keep_the_pretrained_one_as_the_text_only_bas
 
     folder, work, quiet = tmp_path / "model", tmp_path / "work", lambda line: None
     dm.build(folder, work, copy.deepcopy(SMALL_FULL), phases=("pretrain",), log=quiet)
-    before_cooldown = _unet_fp16(dm.load_default(device="cpu", folder=folder))
+    before_cooldown = _unet_fp16(dm.load_default(device="cpu", folder=folder, super_resolution=False))
     dm.build(folder, work, copy.deepcopy(SMALL_FULL), phases=("pretrain_cooldown",), log=quiet)
-    pretrained = _unet_fp16(dm.load_default(device="cpu", folder=folder))
+    pretrained = _unet_fp16(dm.load_default(device="cpu", folder=folder, super_resolution=False))
     assert any(not torch.equal(pretrained[k], before_cooldown[k]) for k in pretrained)
     snapshot = dm.pretrained_base_file(folder)
     assert not snapshot.exists()
@@ -274,7 +274,7 @@ def test_a_stage_that_trains_the_base_continues_its_own_result_and_refuses_a_reb
     assert dm.build(folder, work, longer, phases=("stage2_focus",), log=quiet)["phases"]["stage2_focus"]["steps"] == 2
     longer["stage2_focus"]["steps"] = 4  # the focus phase extends its own result too
     assert dm.build(folder, work, longer, phases=("stage2_focus",), log=quiet)["phases"]["stage2_focus"]["steps"] == 4
-    pipe = dm.load_default(device="cpu", folder=folder)
+    pipe = dm.load_default(device="cpu", folder=folder, super_resolution=False)
     with torch.no_grad():  # as if stage 1 had been rerun differently
         pipe.base.unet.conv_in.weight.add_(0.01)
     dm.save_default(pipe, folder)
@@ -327,7 +327,7 @@ def test_a_pretraining_cooldown_on_a_built_model_starts_from_its_pretrained_base
     record = json.loads((work / "pretrain_cooldown" / dm.RUN_RECORD).read_text())
     assert record["base_sha256"] == dm.base_digest(pretrained)  # it started from the snapshot
     assert not snapshot.exists()  # the cooled base replaces it: the next stage saves a new one
-    cooled = dm.load_default(device="cpu", folder=folder)
+    cooled = dm.load_default(device="cpu", folder=folder, super_resolution=False)
     assert all(float(layer.to_out.weight.abs().max()) == 0 for layer in cooled.model.adapter.layers.values())
     assert any(not torch.equal(v, stage2_trained[k]) for k, v in _unet_fp16(cooled).items())
     assert any(not torch.equal(v, _unet_fp16(pretrained)[k]) for k, v in _unet_fp16(cooled).items())
@@ -349,10 +349,10 @@ def test_a_model_saved_again_keeps_its_own_architecture(built, tmp_path):
     shutil.copytree(root / "model", folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(config, architecture=other)))
-    dm.save_default(dm.load_default(device="cpu", folder=folder), tmp_path / "again")
+    dm.save_default(dm.load_default(device="cpu", folder=folder, super_resolution=False), tmp_path / "again")
     again = json.loads((tmp_path / "again" / "config.json").read_text())["architecture"]
     assert again == json.loads(json.dumps(other))
-    assert dm.load_default(device="cpu", folder=tmp_path / "again").base.unet.config.attention_head_dim == \
+    assert dm.load_default(device="cpu", folder=tmp_path / "again", super_resolution=False).base.unet.config.attention_head_dim == \
         other["unet"]["attention_head_dim"]
 
 
@@ -370,9 +370,9 @@ def test_a_variant_on_the_pretrained_text_encoder_names_it_rather_than_storing_i
     root, _ = built
     folder, _ = copy_of(root, tmp_path)
     pretrained = dm.pretrained_base_file(folder)
-    base = dm.load_default(device="cpu", folder=folder)
+    base = dm.load_default(device="cpu", folder=folder, super_resolution=False)
     dm.save_variant(base, pretrained, {"variant": dm.PRETRAINED_BASE}, with_adapter=False)
-    moved = dm.load_default(device="cpu", folder=folder)
+    moved = dm.load_default(device="cpu", folder=folder, super_resolution=False)
     with torch.no_grad():  # the default model's encoder moves on, as a phase that trains it leaves it
         for parameter in moved.base.text_encoders[0].parameters():
             parameter.add_(0.01)
