@@ -955,9 +955,13 @@ def _suggestion(word: str, choices: Iterable[str]) -> str:
 
 
 def _clip(text: str, limit: int = 80) -> str:
-    """A path for an error message: as written when printable, else repr(); cut short."""
+    """A path for an error message: as written when printable, else repr(); cut short in the middle, so that
+    the file's own name at the end still shows."""
     shown = text if text.isprintable() else repr(text)
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+    if len(shown) <= limit:
+        return shown
+    head = (limit - 3) // 2
+    return shown[:head] + "..." + shown[len(shown) - (limit - 3 - head):]
 
 
 def _size(size: tuple[int, int]) -> str:

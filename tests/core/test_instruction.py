@@ -460,6 +460,9 @@ def test_malformed_json_text_is_refused(text, message):
 def test_missing_json_file_is_named(tmp_path):
     with pytest.raises(InstructionError, match=r"^instruction: file not found: .*absent\.json"):
         load_instruction(tmp_path / "absent.json")
+    deep = tmp_path.joinpath(*["a_long_folder_name"] * 8) / "absent.json"  # a path cut short keeps its name
+    with pytest.raises(InstructionError, match=r"^instruction: file not found: .{30,}\.\.\..*absent\.json$"):
+        load_instruction(deep)
 
 
 def test_validate_checks_instructions_built_in_code():
