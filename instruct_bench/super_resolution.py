@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from instruct_core.models import DEFAULT_MODEL_DIR, load_default
 from instruct_core.pipeline import pil_to_tensor
 from instruct_core.super_resolution import SuperResolution, SuperResolutionConfig
+from instruct_core.train.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
 
 from . import scenes
 from .tasks import IN_DOMAIN_TASKS, make_split
@@ -80,9 +81,10 @@ def train(stage: SuperResolution, low, high, text, null_text, recipe: dict = REC
     schedule = lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     start, losses, seconds = 0, [], 0.0
-    checkpoint = None if work_dir is None else Path(work_dir) / "super_resolution_state.pt"
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
+    checkpoints = None if work_dir is None else Path(work_dir) / "checkpoints"
+    saved = [] if checkpoints is None else list_checkpoints(checkpoints)
+    if saved:  # safetensors and JSON, as the trainer's own checkpoints: nothing is unpickled
+        _, state = load_checkpoint(saved[-1])
         stage.unet.load_state_dict(state["unet"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -105,16 +107,15 @@ def train(stage: SuperResolution, low, high, text, null_text, recipe: dict = REC
         scheduler.step()
         losses.append(float(loss.detach()))
         if progress is not None:
-            progress(step + 1, steps, float(loss))
+            progress(step + 1, steps, losses[-1])
         if (step + 1) % 50 == 0:
             log(f"super-resolution step {step + 1}/{steps}: loss {np.mean(losses[-50:]):.4f} "
                 f"({time.time() - began:.0f} s)")
-        if checkpoint is not None and ((step + 1) % 250 == 0 or step + 1 == steps):
-            temporary = checkpoint.with_suffix(".tmp")
-            torch.save({"unet": stage.unet.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "step": step + 1,
-                        "losses": losses, "seconds": time.time() - began}, temporary)
-            temporary.replace(checkpoint)
+        if checkpoints is not None and ((step + 1) % 250 == 0 or step + 1 == steps):
+            save_checkpoint(checkpoints, step + 1, {
+                "unet": stage.unet.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "step": step + 1,
+                "losses": losses, "seconds": time.time() - began}, keep=1)
     stage.unet.eval()
     return {"steps": steps, "seconds": round(time.time() - began, 1),
             "loss_first_50": round(float(np.mean(losses[:50])), 5), "loss_last_50": round(float(np.mean(losses[-50:])), 5)}

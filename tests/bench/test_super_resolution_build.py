@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from instruct_core.tiny import tiny_super_resolution as tiny_stage
+from instruct_core.train.checkpointing import list_checkpoints
 from instruct_bench import scenes
 from instruct_bench.super_resolution import (HIGH_SIZE, LOW_SIZE, random_crops, results_page, train,
                                              training_pairs)
@@ -46,7 +47,7 @@ def test_training_lowers_the_loss_and_resumes_from_its_checkpoint(tmp_path):
               "text_dropout": 0.1}
     measured = train(stage, low, high, text, torch.zeros(5, 32), recipe, tmp_path, log=lambda line: None)
     assert measured["loss_last_50"] < 0.6 * measured["loss_first_50"]
-    assert (tmp_path / "super_resolution_state.pt").is_file()
+    assert [path.name for path in list_checkpoints(tmp_path / "checkpoints")] == ["step_000000250"]
     again = tiny_stage(seed=9)  # another start: resuming must replace it with the trained weights
     lines = []
     train(again, low, high, text, torch.zeros(5, 32), recipe, tmp_path, log=lines.append)
