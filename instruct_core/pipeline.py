@@ -25,9 +25,9 @@ from .guidance import Conditioning, GuidanceConfig, GuidedDenoiser, cat_text
 from .instruction import InstructionError, MultiModalInstruction, check_text, prepare_context_image, prepare_mask
 from .loading import BaseModel
 from .samplers import SAMPLERS, check_sampler_sigmas, prepare_noise
-from .super_resolution import SuperResolution
 from .schedules import (DEFAULT_SCHEDULE, SCHEDULES, DiscreteSchedule, denoise_schedule_length, get_sigmas,
                         sigmas_for_denoise)
+from .super_resolution import SuperResolution
 
 MAX_PIXELS = limits.LIMITS.max_pixels  # the default; `limits.configure(max_pixels=...)` changes the one in force
 # torch generators take seeds in [-2**63, 2**64 - 1]; sampling also uses seed + 1
@@ -430,7 +430,7 @@ class InstructImagen:
         if stage is not None:
             images = stage.upscale(base_images, cond.text, seed=seed)
             info["super_resolution"] = {"factor": stage.factor, "steps": stage.config.steps,
-                                        "noise_level": stage.config.noise_level}
+                                        "noise_level": stage.config.noise_level, "denoise": stage.config.denoise}
         return GenerationResult(images, latents.cpu(), seed, info, base_images)
 
     @staticmethod
