@@ -137,6 +137,21 @@ class ModelFacts:
     element_bytes: int           # bytes per element of the model's dtype
     fused_attention: bool        # attention scores are never materialised whole (fused kernels, CUDA)
 
+    @classmethod
+    def of_unet(cls, unet, attention_levels: list[int], *, spatial_factor: int, vae_channels: int, dtype,
+                device) -> "ModelFacts":
+        """The facts of a diffusers UNet whose attention sits at `attention_levels` (finest first)."""
+        import torch
+
+        level = attention_levels[0] if attention_levels else None
+        head_dim = unet.config.attention_head_dim
+        head_dim = head_dim[0] if isinstance(head_dim, (list, tuple)) else head_dim
+        channels = unet.config.block_out_channels
+        heads = max(1, channels[level] // head_dim) if level is not None and head_dim else 8
+        return cls(in_channels=unet.config.in_channels, spatial_factor=spatial_factor, first_channels=channels[0],
+                   attention_level=level, attention_heads=heads, vae_channels=vae_channels,
+                   element_bytes=torch.finfo(dtype).bits // 8, fused_attention=torch.device(device).type == "cuda")
+
 
 # Live full-resolution activations of a UNet pass, in units of (cells x first_channels): the skip connections
 # of every level (about 2 at full resolution, 1 more over the lower levels), a resnet's working tensors (4) and

@@ -289,19 +289,11 @@ class InstructImagen:
                 raise InstructionError(f"{name}: {value} must be a positive multiple of {multiple} for this model")
 
     def model_facts(self) -> limits.ModelFacts:
-        unet = self.base.unet
-        attention = levels_with_attention(unet)
-        level = attention[0] if attention else None
-        head_dim = unet.config.attention_head_dim
-        head_dim = head_dim[0] if isinstance(head_dim, (list, tuple)) else head_dim
-        channels = unet.config.block_out_channels
-        heads = max(1, channels[level] // head_dim) if level is not None and head_dim else 8
         vae = self.base.vae
-        return limits.ModelFacts(
-            in_channels=unet.config.in_channels, spatial_factor=self.spatial_factor, first_channels=channels[0],
-            attention_level=level, attention_heads=heads,
-            vae_channels=0 if vae is None else vae.config.block_out_channels[0],
-            element_bytes=torch.finfo(self.dtype).bits // 8, fused_attention=self.device.type == "cuda")
+        return limits.ModelFacts.of_unet(
+            self.base.unet, levels_with_attention(self.base.unet), spatial_factor=self.spatial_factor,
+            vae_channels=0 if vae is None else vae.config.block_out_channels[0], dtype=self.dtype,
+            device=self.device)
 
     def check_memory(self, width: int, height: int, rows: int, branches: int, contexts: int = 0,
                      context_size: tuple[int, int] | None = None, field: str = "batch") -> None:

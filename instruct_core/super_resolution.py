@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import limits
+from .context_unet import levels_with_attention
 from .denoiser import DiscreteDenoiser
 from .errors import InstructImagenError, MissingFileError
 from .samplers import SAMPLERS, prepare_noise
@@ -148,6 +149,10 @@ class SuperResolution:
     def factor(self) -> int:
         return self.config.factor
 
+    def model_facts(self) -> limits.ModelFacts:
+        return limits.ModelFacts.of_unet(self.unet, levels_with_attention(self.unet), spatial_factor=1,
+                                         vae_channels=0, dtype=self.dtype, device=self.device)
+
     # -- the model as the samplers and the trainer see it ----------------------------------------------------
     def augment(self, low: torch.Tensor, noise_level: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Low-resolution pixels in [-1, 1] through the forward process to `noise_level` (per row), upsampled."""
@@ -241,10 +246,15 @@ class SuperResolution:
         self.check_output_size(images.shape[-1], images.shape[-2], images.shape[0])
 
     def check_output_size(self, width: int, height: int, rows: int) -> None:
-        """Refuse base images whose upscaled size is over the limits, before the base samples them."""
+        """Refuse base images whose upscaled size, or the memory the stage needs for it, is over the limits,
+        before the base samples them."""
         out_width, out_height = width * self.factor, height * self.factor
         try:
             limits.check_canvas(out_width, out_height, rows)
+            # no guidance and no contexts: one branch of the stage's UNet at the upscaled size
+            needed = limits.estimate_generation_bytes(self.model_facts(), out_width, out_height, rows, 1, 0, 0)
+            limits.check_memory("upscale", needed, f"super-resolution of {rows} image{'s' if rows != 1 else ''} "
+                                                   f"to {out_width}x{out_height}")
         except InstructImagenError as error:
             raise SuperResolutionError(f"upscale: {width}x{height} base images become {out_width}x{out_height} "
                                        f"after super-resolution, over the limits ({error}); ask for a smaller size "

@@ -127,3 +127,24 @@ def test_an_upscaled_size_over_the_limits_is_refused_before_the_base_samples(cas
     assert steps == []
     with pytest.raises(InstructImagenError, match="upscale: expected True or False"):
         cascade.generate(MultiModalInstruction(text="a", contexts=[]), steps=2, width=16, height=16, upscale="no")
+
+
+def test_the_stage_memory_over_the_limit_is_refused_before_the_base_samples(cascade):
+    from instruct_core import limits
+
+    stage = cascade.super_resolution
+    base_needs = limits.estimate_generation_bytes(cascade.model_facts(), 16, 16, 4, 2, 0, 0)
+    stage_needs = limits.estimate_generation_bytes(stage.model_facts(), 64, 64, 4, 1, 0, 0)
+    assert stage_needs > base_needs  # the stage works at 16 times the pixels
+    steps = []
+    previous = limits.configure(max_memory_bytes=(base_needs + stage_needs) // 2)
+    try:
+        instruction = MultiModalInstruction(text="a", contexts=[])
+        with pytest.raises(SuperResolutionError, match=r"super-resolution of 4 images to 64x64 needs about"):
+            cascade.generate(instruction, steps=2, width=16, height=16, batch_size=4,
+                             callback=lambda info: steps.append(info))
+        assert steps == []
+        plain = cascade.generate(instruction, steps=2, width=16, height=16, batch_size=4, upscale=False)
+        assert plain.images.shape == (4, 3, 16, 16)
+    finally:
+        limits.configure(max_memory_bytes=previous.max_memory_bytes)
