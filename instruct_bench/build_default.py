@@ -9,7 +9,9 @@ It is built in three phases, all with this package's own trainer:
      (`stage2_cooldown`): the focus mix again while the learning rate decays linearly to 0, a subject phase
      (`stage2_subjects`): a mix that is mostly subjects, its rate decaying linearly to 0 again, and last a
      wording phase (`stage2_wording`): the subject mix with random words before half the texts, the text
-     encoder trained too, so that a phrasing never seen in training still reads as its description.
+     encoder trained too, so that a phrasing never seen in training still reads as its description, and last
+     an overlap phase (`stage2_overlap`): depth scenes whose objects overlap and the tasks that name colours,
+     worded and with the text encoder trained as in the wording phase.
 Stages 1 and 2 train the adapter and, as in Instruct-Imagen, the base UNet too (`train_base` per phase): a
 frozen base draws only what pretraining showed it, plain scenes here. The pretrained base is
 kept with the harness (`weights/ablations/text_only.safetensors`, with the text encoder it was pretrained with) as
@@ -59,9 +61,9 @@ ARCHITECTURE = {
 # layer starts free of the positional prior, to find a subject or a style anywhere in a reference.
 ADAPTER = {"head_dim": 32, "content_heads": 1}
 
-# About 5 hours on one core of a 2-core CPU, at 1.1 to 1.8 s a step (the last build: pretraining's cooldown
-# 41 min, stage 1 8, stage 2 49, its focus phase 39, the cooldown 25, the subject phase 68 and the wording phase
-# 37; pretraining itself
+# About 6 hours on one core of a 2-core CPU, at 1.1 to 1.8 s a step (the last build: pretraining's cooldown
+# 41 min, stage 1 8, stage 2 49, its focus phase 39, the cooldown 25, the subject phase 68, the wording phase
+# 37 and the overlap phase 88, on a CPU shared with other jobs; pretraining itself
 # about 70 at the faster rate): a small UNet seeing many images learns these scenes faster than a wide one seeing few.
 # Pretraining runs until the base reads its text: another example's caption raises its loss by 3% after 1,500
 # steps, by 17% after 5,100. Its cooldown lets the base settle into drawing: 1,500 decaying steps after the
@@ -84,6 +86,13 @@ SUBJECT_MIX = {"subject": 0.60, "styled_generation": 0.08, "style_transfer": 0.0
                "text_to_image": 0.04, "edge_to_image": 0.03, "sketch_to_image": 0.03, "mask_to_image": 0.03,
                "depth_to_image": 0.03}
 
+# Depth scenes whose objects overlap (the depth map's order is only readable where they do) came after the
+# phases above; the overlap phase teaches them, with the tasks that name colours at a place, and keeps a share of
+# subjects and of every other task, so those are not forgotten.
+OVERLAP_MIX = {"depth_to_image": 0.35, "subject": 0.20, "text_to_image": 0.10, "mask_to_image": 0.06,
+               "edge_to_image": 0.05, "sketch_to_image": 0.04, "styled_generation": 0.06, "style_transfer": 0.07,
+               "inpainting": 0.07}
+
 # The seeded text encoder reads each token in the light of the ones before it: a caption under a phrasing never
 # seen in training read as another caption (cosine to its own states 0.70-0.80, between two captions 0.83), and
 # the held-out phrasings lost the subject's place. Random words before half the texts taught nothing with the
@@ -104,11 +113,14 @@ RECIPE = {
     "stage2_wording": {"steps": 2000, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "train_base": "full",
                        "lr_schedule": "linear", "mix": SUBJECT_MIX, "p_filler_words": 0.5, "max_filler_words": 8,
                        "train_text_encoder": True},
+    "stage2_overlap": {"steps": 1000, "batch_size": 12, "lr": 2e-4, "warmup_steps": 20, "train_base": "full",
+                       "lr_schedule": "linear", "mix": OVERLAP_MIX, "p_filler_words": 0.5, "max_filler_words": 8,
+                       "train_text_encoder": True},
     "single_task_steps": 200,  # the single-task ablations' budget
 }
 
 PRETRAIN_PHASES = ("pretrain", "pretrain_cooldown")
-STAGE2_PHASES = ("stage2", "stage2_focus", "stage2_cooldown", "stage2_subjects", "stage2_wording")
+STAGE2_PHASES = ("stage2", "stage2_focus", "stage2_cooldown", "stage2_subjects", "stage2_wording", "stage2_overlap")
 TRAINING_PHASES = (*PRETRAIN_PHASES, "stage1", *STAGE2_PHASES)
 
 # The weights only the harness reads (the ablations, the pretrained base, the evaluator) live beside it, not in the

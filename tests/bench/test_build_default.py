@@ -29,6 +29,8 @@ SMALL = {
                         "mix": {"subject": 0.5, "edge_to_image": 0.5}},
     "stage2_wording": {"steps": 2, "batch_size": 2, "lr": 3e-4, "warmup_steps": 0, "lr_schedule": "linear",
                        "mix": {"subject": 1.0}, "p_filler_words": 0.5, "max_filler_words": 3},
+    "stage2_overlap": {"steps": 2, "batch_size": 2, "lr": 2e-4, "warmup_steps": 0, "lr_schedule": "linear",
+                       "mix": {"depth_to_image": 0.5, "subject": 0.5}, "p_filler_words": 0.5, "max_filler_words": 3},
     "single_task_steps": 2,
     "probe_size": 8,
 }
@@ -135,6 +137,7 @@ SMALL_FULL = copy.deepcopy(SMALL)
 for _phase in ("stage1", *dm.STAGE2_PHASES):
     SMALL_FULL[_phase]["train_base"] = "full"
 SMALL_FULL["stage2_wording"]["train_text_encoder"] = True
+SMALL_FULL["stage2_overlap"]["train_text_encoder"] = True
 
 
 def _phase_steps(variant_file):
@@ -200,28 +203,30 @@ def test_stages_that_train_the_base_keep_the_pretrained_one_as_the_text_only_bas
     assert not _same(_encoder(no_stage1), _encoder(variant_pipe("full", folder)))
     steps = [SMALL_FULL["stage1"]["steps"] + SMALL_FULL["stage2"]["steps"], SMALL_FULL["stage2_focus"]["steps"],
              SMALL_FULL["stage2_cooldown"]["steps"], SMALL_FULL["stage2_subjects"]["steps"],
-             SMALL_FULL["stage2_wording"]["steps"]]
-    # stage 2 on stage 1's budget, then the same focus, cooldown, subject and wording phases as the full model
+             SMALL_FULL["stage2_wording"]["steps"], SMALL_FULL["stage2_overlap"]["steps"]]
+    # stage 2 on stage 1's budget, then the same focus, cooldown, subject, wording and overlap phases as the full
+    # model
     assert (work / "no_stage1_cooldown" / dm.RUN_RECORD).is_file()
     assert (work / "no_stage1_wording" / dm.RUN_RECORD).is_file()
+    assert (work / "no_stage1_overlap" / dm.RUN_RECORD).is_file()
     assert _phase_steps(ablation) == steps
     stored = load_file(str(ablation))
     assert all(torch.equal(v.to(torch.float16), stored["adapter." + k])
                for k, v in no_stage1.model.adapter.state_dict().items())
 
     # a recipe grown by a phase continues the saved ablation; one that changed an earlier phase trains it again
-    shorter = {k: v for k, v in copy.deepcopy(SMALL_FULL).items() if k != "stage2_wording"}
+    shorter = {k: v for k, v in copy.deepcopy(SMALL_FULL).items() if k != "stage2_overlap"}
     dm.build_ablations(("no_stage1",), folder=folder, work_dir=work / "shorter", recipe=shorter, log=quiet)
-    assert _phase_steps(ablation) == steps[:4]
+    assert _phase_steps(ablation) == steps[:5]
     before = _unet_fp16(variant_pipe("no_stage1", folder))
-    for run in ("no_stage1", "no_stage1_focus", "no_stage1_cooldown", "no_stage1_subjects"):
+    for run in ("no_stage1", "no_stage1_focus", "no_stage1_cooldown", "no_stage1_subjects", "no_stage1_wording"):
         shutil.rmtree(work / "shorter" / run)  # a continued ablation does not train these again
     lines = []
     dm.build_ablations(("no_stage1",), folder=folder, work_dir=work / "shorter", recipe=copy.deepcopy(SMALL_FULL),
                        log=lines.append)
-    assert "no_stage1: continues no_stage1.safetensors after its first 4 phase(s)" in lines
+    assert "no_stage1: continues no_stage1.safetensors after its first 5 phase(s)" in lines
     assert _phase_steps(ablation) == steps
-    assert [p.name for p in (work / "shorter").iterdir()] == ["no_stage1_wording"]
+    assert [p.name for p in (work / "shorter").iterdir()] == ["no_stage1_overlap"]
     grown = _unet_fp16(variant_pipe("no_stage1", folder))
     assert any(not torch.equal(v, before[k]) for k, v in grown.items())
     other = copy.deepcopy(SMALL_FULL)
