@@ -7,7 +7,7 @@ It is built in three phases, all with this package's own trainer:
   2. stage 2: multi-task instruction tuning on the benchmark's in-domain tasks, then a focus phase
      (`stage2_focus`) on the tasks that take content rather than a layout from a reference, and a cooldown
      (`stage2_cooldown`): the focus mix again while the learning rate decays linearly to 0, a subject phase
-     (`stage2_subjects`): a mix that is mostly subjects, its rate decaying linearly to 0 again, and last a
+     (`stage2_subjects`): a mix that is mostly subjects, its rate decaying linearly to 0 again, then a
      wording phase (`stage2_wording`): the subject mix with random words before half the texts, the text
      encoder trained too, so that a phrasing never seen in training still reads as its description, and last
      an overlap phase (`stage2_overlap`): depth scenes whose objects overlap and the tasks that name colours,

@@ -436,8 +436,8 @@ def write_results(results: dict, settings: EvalSettings, in_domain: list[str], z
         "stage 1 + stage 2, which ends with a focus phase on the subject, style and inpainting tasks and a cooldown "
         "whose learning rate decays to zero, then a subject phase, a wording phase that trains the text encoder "
         "too and an overlap phase on depth scenes whose objects overlap); **no_stage1** = stage 2 alone, given "
-        "stage 1's steps too, with the same focus, cooldown, subject, wording and overlap phases; **text_only** = the pretrained base with its text encoder and an untrained adapter "
-        "(it follows the text alone); **single_*** = stage 2 on one task. Each samples with its own text "
+        "stage 1's steps too, with the same focus, cooldown, subject, wording and overlap phases; **text_only** = "
+        "the pretrained base with its text encoder and an untrained adapter (it follows the text alone); **single_*** = stage 2 on one task. Each samples with its own text "
         "encoder. Stages 1 and 2 train the adapter and the base UNet as the recipe says (`train_base`, in the "
         "build below).",
         "",

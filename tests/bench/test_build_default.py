@@ -357,8 +357,8 @@ def test_a_model_saved_again_keeps_its_own_architecture(built, tmp_path):
     dm.save_default(dm.load_default(device="cpu", folder=folder, super_resolution=False), tmp_path / "again")
     again = json.loads((tmp_path / "again" / "config.json").read_text())["architecture"]
     assert again == json.loads(json.dumps(other))
-    assert dm.load_default(device="cpu", folder=tmp_path / "again", super_resolution=False).base.unet.config.attention_head_dim == \
-        other["unet"]["attention_head_dim"]
+    again_pipe = dm.load_default(device="cpu", folder=tmp_path / "again", super_resolution=False)
+    assert again_pipe.base.unet.config.attention_head_dim == other["unet"]["attention_head_dim"]
 
 
 def test_a_phase_passes_its_filler_words_to_the_trainer(tmp_path):
