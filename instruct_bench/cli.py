@@ -76,10 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
                                "evaluator, code): a rerun reuses them, so an interrupted eval goes on; '' for none")
 
     diagnose = commands.add_parser("diagnose", help="how far apart a model's text encoder holds colour and shape "
-                                                    "words (cosine between captions, linear probe); prints JSON")
-    diagnose.add_argument("--variants", default="full,text_only")
+                                                    "words (cosine between captions, linear probe), and where its "
+                                                    "images put the named colours and which object they draw in "
+                                                    "front; prints JSON")
+    diagnose.add_argument("--variants", default="full,text_only",
+                          help="comma-separated variants; 'truth' reads the true images (drawing only)")
     diagnose.add_argument("--captions", type=int, default=400)
     diagnose.add_argument("--seed", type=int, default=0)
+    diagnose.add_argument("--examples", type=int, default=48,
+                          help="test examples per task for the drawing report (0: the text encoder only)")
 
     demo = commands.add_parser("demo", help="one image per benchmark task, beside its instruction, contexts and "
                                             "ground truth, and a contact sheet")
@@ -260,16 +265,27 @@ def run_super_resolution(args) -> int:
 def run_diagnose(args) -> int:
     import json
 
-    from .diagnostics import word_separation
-    from .evaluation import variant_pipe
+    from .diagnostics import drawing_report, word_separation
+    from .evaluation import EvalSettings, load_evaluator, variant_pipe
 
     check_at_least("--captions", args.captions, 8)
     check_at_most("--captions", args.captions, 100_000)
+    check_at_least("--examples", args.examples, 0)
+    check_at_most("--examples", args.examples, 10_000)
     check_seed(args.seed)
     variants = [v for v in args.variants.split(",") if v]
     if not variants:
         raise UsageError("--variants: name at least one model variant")
-    report = {variant: word_separation(variant_pipe(variant), args.captions, args.seed) for variant in variants}
+    if "truth" in variants and not args.examples:
+        raise UsageError("--variants: 'truth' has images only; give --examples above 0")
+    evaluator = load_evaluator() if args.examples else None
+    settings = EvalSettings(examples_per_task=args.examples)
+    report = {}
+    for variant in variants:
+        pipe = None if variant == "truth" else variant_pipe(variant)
+        report[variant] = {} if pipe is None else {"words": word_separation(pipe, args.captions, args.seed)}
+        if args.examples:
+            report[variant]["drawing"] = drawing_report(pipe, evaluator, settings)
     print(json.dumps(report, indent=1))
     return 0
 

@@ -10,6 +10,17 @@ comparison) and reports, per kind of word:
   quarters of the captions and tested on the rest (chance is one over the number of words).
 
 A probe near 1 with a cosine near 1 means the word is there but as a small difference the UNet has to amplify.
+
+`colour_reading` and `drawn_depth_order` read a model's own images (`python -m instruct_bench diagnose --examples N`):
+
+- `colour_reading`: where each plain object's named colour ends up, as the evaluator reads it: at the object's own
+  cell ("at_place", the results page's colour), else at another object's cell of the same scene ("elsewhere": the
+  colour is drawn, on the wrong object), else at neither ("absent": the colour is not drawn at all). Mostly
+  elsewhere means colours are read but not bound to their objects; mostly absent means they are not read.
+- `drawn_depth_order`: depth order judged by the colours the image itself gives the two overlapping objects (their
+  parts that nothing covers) rather than by the colours the caption names, so an image that draws the wrong
+  colours still shows which object it puts in front; it tells a model that ignores the depth map's order from
+  one whose order the colour metric cannot read.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import numpy as np
 import torch
 
 from . import scenes
+from .metrics import dilate, colour_distance, pixels_of
 from .scenes import Scene
 
 
@@ -85,3 +97,125 @@ def word_separation(pipe, captions: int = 400, seed: int = 0) -> dict[str, dict[
                          "probe_accuracy": _probe_accuracy(pooled, np.asarray(labels), len(words)),
                          "chance": 1.0 / len(words)}
     return results
+
+
+def colour_reading(examples, output, rows=None) -> dict[str, float]:
+    """Shares of the plain objects whose named colour the evaluator reads at their own cell ("at_place"), only at
+    another object's cell of the scene ("elsewhere"), or at neither ("absent"); "objects" counts them, and
+    "at_place_N" gives at_place in scenes of N plain objects (3 for three or more). `output` is the evaluator's
+    reading of the examples' images (`rows`: their rows in it, default 0..N-1)."""
+    colours = list(scenes.COLOURS)
+    tallies: dict[str, list[float]] = {"at_place": [], "elsewhere": [], "absent": []}
+    by_count: dict[int, list[float]] = {}
+    for row, example in zip(range(len(examples)) if rows is None else rows, examples):
+        scene = example.scene
+        if scene.style is not None:
+            continue  # a style repaints the colours: the caption's names no longer apply
+        plain = [obj for obj in scene.objects if obj.subject is None]
+        read = output.colour[row].argmax(-1)
+        for obj in plain:
+            named = colours.index(obj.colour)
+            at_place = read[obj.cell] == named
+            others = [o.cell for o in scene.objects if o is not obj and o.colour != obj.colour]
+            elsewhere = not at_place and any(read[cell] == named for cell in others)
+            tallies["at_place"].append(float(at_place))
+            tallies["elsewhere"].append(float(elsewhere))
+            tallies["absent"].append(float(not at_place and not elsewhere))
+            by_count.setdefault(min(len(plain), 3), []).append(float(at_place))
+    report = {name: float(np.mean(values)) if values else float("nan") for name, values in tallies.items()}
+    report["objects"] = len(tallies["at_place"])
+    report.update({f"at_place_{count}": float(np.mean(values)) for count, values in sorted(by_count.items())})
+    return report
+
+
+_MIN_DRAWN_PIXELS = 3      # of an object's uncovered part, at 32 x 32, to take its drawn colours from
+_DRAWN_COLOUR_GAP = 40.0   # max-channel distance (0..255) between two objects' mean drawn colours to tell them apart
+
+
+def drawn_depth_order(image, scene: Scene, size: int = 32) -> float | None:
+    """For the scene's two most overlapping objects, the share of their overlap whose pixels are nearer to the
+    colours the image draws on the nearer object's uncovered part than to those on the farther one's (each pixel
+    to its nearest such colour), rims left out (anti-aliasing mixes colours there). None when they do not overlap
+    beyond their rims, either uncovered part is too small, or the image draws both alike (then no colour tells
+    them apart)."""
+    plan = scenes.layout(scene, size)
+    masks = plan.object_masks
+    shared = scenes.overlaps(scene, size)
+    np.fill_diagonal(shared, 0)
+    if shared.max() == 0:
+        return None
+    a, b = (int(i) for i in np.unravel_index(np.argmax(shared), shared.shape))
+    near, far = (a, b) if scene.objects[a].depth < scene.objects[b].depth else (b, a)
+    pixels = pixels_of(image, size)
+    others = masks.sum(0) > 1  # anything two silhouettes share, a third object's included
+    uncovered = []
+    for index in (near, far):
+        own = masks[index] & ~others
+        own &= ~dilate(~masks[index], 1)
+        uncovered.append(pixels[own])
+    overlap = masks[near] & masks[far]
+    overlap &= ~dilate(~overlap, 1)
+    if min(len(part) for part in uncovered) < _MIN_DRAWN_PIXELS or not overlap.any():
+        return None
+    if float(np.abs(uncovered[0].mean(0) - uncovered[1].mean(0)).max()) < _DRAWN_COLOUR_GAP:
+        return None
+    region = pixels[overlap][:, None]  # (P, 1, 3)
+    to_near = colour_distance(region, uncovered[0]).min(-1)[:, 0]
+    to_far = colour_distance(region, uncovered[1]).min(-1)[:, 0]
+    return float((to_near < to_far).mean())
+
+
+# Text-to-image and the controls: every object's colour is named and nothing repaints it; depth's map sets an order.
+COLOUR_TASKS = ("text_to_image", "edge_to_image", "sketch_to_image", "mask_to_image", "depth_to_image")
+
+
+def drawing_report(pipe, evaluator, settings) -> dict[str, dict]:
+    """`colour_reading` per task of COLOUR_TASKS on its split under `settings` (the results page's by default), and
+    for depth-to-image its depth order three ways: the results page's (by the named colours), the same over the
+    examples whose two overlapping objects both show their named colour at their place, and `drawn_depth_order`;
+    with "drawn_swap": the share of examples whose drawn order is the map's both for the map and for the map with
+    the objects' depths exchanged (the same seed). `pipe` None reads the true images instead."""
+    from .evaluation import _overlapping, generate_for
+    from .metrics import depth_order
+    from .tasks import make_split, swap_depths
+
+    def images_for(examples):
+        return [e.target for e in examples] if pipe is None else generate_for(pipe, examples, settings)
+
+    report: dict[str, dict] = {}
+    for task in COLOUR_TASKS:
+        examples = make_split(task, settings.split, settings.examples_per_task, seed=settings.seed)
+        images = images_for(examples)
+        output = evaluator.predict(images)
+        report[task] = colour_reading(examples, output)
+        if task != "depth_to_image":
+            continue
+        overlapping = [i for i, e in enumerate(examples) if _overlapping(e)]
+        swapped = [swap_depths(examples[i]) for i in overlapping]
+        swapped_images = images_for(swapped)
+        named, named_bound, drawn, follows = [], [], [], []
+        for i, other_example, other_image in zip(overlapping, swapped, swapped_images):
+            example = examples[i]
+            order = depth_order(images[i], example.scene)
+            if order is not None:
+                named.append(order)
+                a, b = other_example.meta["depths_swapped"]
+                pair = [example.scene.objects[a], example.scene.objects[b]]
+                read = output.colour[i].argmax(-1)
+                if all(read[o.cell] == list(scenes.COLOURS).index(o.colour) for o in pair):
+                    named_bound.append(order)
+            orders = (drawn_depth_order(images[i], example.scene), drawn_depth_order(other_image, other_example.scene))
+            if orders[0] is not None:
+                drawn.append(orders[0])
+            if None not in orders:
+                follows.append(float(min(orders) > 0.5))
+        report[task].update({
+            "depth_order": _mean(named), "depth_order_readable": len(named),
+            "depth_order_colours_at_place": _mean(named_bound), "colours_at_place_examples": len(named_bound),
+            "drawn_depth_order": _mean(drawn), "drawn_readable": len(drawn),
+            "drawn_swap": _mean(follows), "drawn_swap_readable": len(follows)})
+    return report
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")

@@ -94,7 +94,7 @@ EVALUATOR_SIZE = 32
 # Reading a generated image against its scene
 
 
-def _pixels(image, size: int) -> np.ndarray:
+def pixels_of(image, size: int) -> np.ndarray:
     """`image` (PIL or (H, W, 3) uint8 array) as float32 (size, size, 3), resized if needed."""
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image, dtype=np.uint8), "RGB")
@@ -104,7 +104,7 @@ def _pixels(image, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.float32)
 
 
-def _distance(pixels: np.ndarray, colours: np.ndarray) -> np.ndarray:
+def colour_distance(pixels: np.ndarray, colours: np.ndarray) -> np.ndarray:
     """Max-channel distance of every pixel (H, W, 3) to every colour (K, 3): (H, W, K)."""
     return np.abs(pixels[:, :, None, :] - colours[None, None]).max(axis=-1)
 
@@ -114,18 +114,18 @@ def foreground(image, scene: Scene, size: int | None = None, threshold: float = 
     more than `threshold` (whatever colour they are), and those nearer to one of the scene's
     part colours than to any background colour (a pale badge on a pale background)."""
     size = size or _size_of(image)
-    pixels = _pixels(image, size)
+    pixels = pixels_of(image, size)
     palette = scenes.scene_palette(scene, size)
     background = np.asarray(scenes.render_background(scene, size), dtype=np.float32)
     here = np.abs(pixels - background).max(axis=-1)
-    to_background = np.minimum(here, _distance(pixels, palette.background).min(axis=-1))
+    to_background = np.minimum(here, colour_distance(pixels, palette.background).min(axis=-1))
     far = (to_background > threshold)
     # Only part colours set apart from the background count, and only clearly nearer: a part
     # painted in the background's own colour (a style can do that) must not claim grain.
-    distinct = _distance(palette.parts[None], palette.background).min(axis=-1)[0] > _PART_MARGIN
+    distinct = colour_distance(palette.parts[None], palette.background).min(axis=-1)[0] > _PART_MARGIN
     if not distinct.any():
         return far
-    to_parts = _distance(pixels, palette.parts[distinct]).min(axis=-1)
+    to_parts = colour_distance(pixels, palette.parts[distinct]).min(axis=-1)
     return far | (to_parts + _PART_MARGIN / 2 < to_background)
 
 
@@ -133,9 +133,9 @@ def segment(image, scene: Scene, size: int | None = None) -> np.ndarray:
     """A label map (int, size x size) of a generated image in the scene's labels: 0 background,
     k the k-th part of `layout(scene)`, one more than the parts for outline colour."""
     size = size or _size_of(image)
-    pixels = _pixels(image, size)
+    pixels = pixels_of(image, size)
     palette = scenes.scene_palette(scene, size)
-    nearest = palette.labels[np.argmin(_distance(pixels, palette.parts), axis=-1)]
+    nearest = palette.labels[np.argmin(colour_distance(pixels, palette.parts), axis=-1)]
     return np.where(foreground(pixels, scene, size), nearest, 0)
 
 
@@ -163,8 +163,8 @@ def edge_f1(predicted: np.ndarray, truth: np.ndarray, tolerance: int = 1) -> flo
         return 1.0
     if not predicted.any() or not truth.any():
         return 0.0
-    precision = float((predicted & _dilate(truth, tolerance)).sum()) / float(predicted.sum())
-    recall = float((truth & _dilate(predicted, tolerance)).sum()) / float(truth.sum())
+    precision = float((predicted & dilate(truth, tolerance)).sum()) / float(predicted.sum())
+    recall = float((truth & dilate(predicted, tolerance)).sum()) / float(truth.sum())
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
@@ -175,7 +175,7 @@ def mask_iou(image, scene: Scene, size: int | None = None, tolerance: int = 1) -
     predicted = foreground(image, scene, size)
     truth = scenes.layout(scene, size).labels > 0
     if tolerance > 0:
-        keep = ~_dilate(_boundaries(truth), tolerance - 1)
+        keep = ~dilate(_boundaries(truth), tolerance - 1)
         predicted, truth = predicted[keep], truth[keep]
     union = float((predicted | truth).sum())
     return 1.0 if union == 0 else float((predicted & truth).sum()) / union
@@ -218,7 +218,7 @@ def _alike(scene: Scene, size: int, a: int, b: int) -> bool:
     palette = scenes.scene_palette(scene, size)
     owner = {label: part.object_index for label, part in enumerate(scenes.layout(scene, size).parts, start=1)}
     objects = np.array([owner.get(int(label), -1) for label in palette.labels])
-    gaps = _distance(palette.parts[objects == a][None], palette.parts[objects == b])
+    gaps = colour_distance(palette.parts[objects == a][None], palette.parts[objects == b])
     return bool(gaps.size) and float(gaps.min()) <= FOREGROUND_THRESHOLD
 
 
@@ -231,7 +231,7 @@ def hole_agreement(image, target, hole, tolerance: float = HOLE_TOLERANCE, scene
     """
     hole = np.asarray(hole.convert("L") if isinstance(hole, Image.Image) else hole) >= 128
     size = hole.shape[0]
-    close = np.abs(_pixels(image, size) - _pixels(target, size)).max(axis=-1) <= tolerance
+    close = np.abs(pixels_of(image, size) - pixels_of(target, size)).max(axis=-1) <= tolerance
     if not hole.any():
         return 1.0
     if scene is None:
@@ -261,7 +261,7 @@ def _boundaries(labels: np.ndarray, ignore: np.ndarray | None = None) -> np.ndar
     return edge
 
 
-def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     """Chebyshev dilation by `radius` pixels."""
     out = mask.copy()
     for _ in range(radius):
@@ -421,7 +421,7 @@ def _to_tensor(images) -> torch.Tensor:
         arrays = [images[i] for i in range(images.shape[0])]
     else:
         arrays = list(images)
-    stacked = np.stack([_pixels(a, EVALUATOR_SIZE) for a in arrays]) if arrays else np.zeros((0, 32, 32, 3))
+    stacked = np.stack([pixels_of(a, EVALUATOR_SIZE) for a in arrays]) if arrays else np.zeros((0, 32, 32, 3))
     return torch.from_numpy(stacked.astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()
 
 
@@ -650,7 +650,7 @@ def score_batch(examples: Sequence, images: Sequence, evaluator: Evaluator) -> l
 
 def _score(example, image, output: EvaluatorOutput, row: int) -> dict:
     scene, size = example.scene, example.target.height
-    pixels = _pixels(image, size).astype(np.uint8)
+    pixels = pixels_of(image, size).astype(np.uint8)
     components = SC_COMPONENTS.get(example.task)
     if components is None:
         raise ValueError(f"task: no score defined for {example.task!r}")

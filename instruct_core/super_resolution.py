@@ -253,8 +253,8 @@ class SuperResolution:
             limits.check_canvas(out_width, out_height, rows)
             # no guidance and no contexts: one branch of the stage's UNet at the upscaled size
             needed = limits.estimate_generation_bytes(self.model_facts(), out_width, out_height, rows, 1, 0, 0)
-            limits.check_memory("upscale", needed, f"super-resolution of {rows} image{'s' if rows != 1 else ''} "
-                                                   f"to {out_width}x{out_height}")
+            limits.check_memory("memory", needed, f"super-resolution of {rows} image{'s' if rows != 1 else ''} "
+                                                  f"to {out_width}x{out_height}")
         except InstructImagenError as error:
             raise SuperResolutionError(f"upscale: {width}x{height} base images become {out_width}x{out_height} "
                                        f"after super-resolution, over the limits ({error}); ask for a smaller size "

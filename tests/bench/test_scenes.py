@@ -144,7 +144,7 @@ def test_sketch_is_dark_strokes_on_white_near_the_edges():
         edges = np.asarray(scenes.render_edges(scene, 32)) > 0
         ink = sketch < 128
         assert ink.any() and np.median(sketch) == 255
-        assert np.all(metrics._dilate(edges, 2)[ink])
+        assert np.all(metrics.dilate(edges, 2)[ink])
 
 
 def test_subject_catalogue():

@@ -140,9 +140,10 @@ def test_the_stage_memory_over_the_limit_is_refused_before_the_base_samples(casc
     previous = limits.configure(max_memory_bytes=(base_needs + stage_needs) // 2)
     try:
         instruction = MultiModalInstruction(text="a", contexts=[])
-        with pytest.raises(SuperResolutionError, match=r"super-resolution of 4 images to 64x64 needs about"):
+        with pytest.raises(SuperResolutionError, match=r"super-resolution of 4 images to 64x64 needs about") as refusal:
             cascade.generate(instruction, steps=2, width=16, height=16, batch_size=4,
                              callback=lambda info: steps.append(info))
+        assert str(refusal.value).count("upscale:") == 1  # the field is named once, first
         assert steps == []
         plain = cascade.generate(instruction, steps=2, width=16, height=16, batch_size=4, upscale=False)
         assert plain.images.shape == (4, 3, 16, 16)
