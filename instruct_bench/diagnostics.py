@@ -99,15 +99,15 @@ def word_separation(pipe, captions: int = 400, seed: int = 0) -> dict[str, dict[
     return results
 
 
-def colour_reading(examples, output, rows=None) -> dict[str, float]:
+def colour_reading(examples, output) -> dict[str, float]:
     """Shares of the plain objects whose named colour the evaluator reads at their own cell ("at_place"), only at
     another object's cell of the scene ("elsewhere"), or at neither ("absent"); "objects" counts them, and
     "at_place_N" gives at_place in scenes of N plain objects (3 for three or more). `output` is the evaluator's
-    reading of the examples' images (`rows`: their rows in it, default 0..N-1)."""
+    reading of the examples' images, one row each."""
     colours = list(scenes.COLOURS)
     tallies: dict[str, list[float]] = {"at_place": [], "elsewhere": [], "absent": []}
     by_count: dict[int, list[float]] = {}
-    for row, example in zip(range(len(examples)) if rows is None else rows, examples):
+    for row, example in enumerate(examples):
         scene = example.scene
         if scene.style is not None:
             continue  # a style repaints the colours: the caption's names no longer apply
@@ -175,7 +175,7 @@ def drawing_report(pipe, evaluator, settings) -> dict[str, dict]:
     examples whose two overlapping objects both show their named colour at their place, and `drawn_depth_order`;
     with "drawn_swap": the share of examples whose drawn order is the map's both for the map and for the map with
     the objects' depths exchanged (the same seed). `pipe` None reads the true images instead."""
-    from .evaluation import _overlapping, generate_for
+    from .evaluation import generate_for, has_overlapping_objects
     from .metrics import depth_order
     from .tasks import make_split, swap_depths
 
@@ -190,7 +190,7 @@ def drawing_report(pipe, evaluator, settings) -> dict[str, dict]:
         report[task] = colour_reading(examples, output)
         if task != "depth_to_image":
             continue
-        overlapping = [i for i, e in enumerate(examples) if _overlapping(e)]
+        overlapping = [i for i, e in enumerate(examples) if has_overlapping_objects(e)]
         swapped = [swap_depths(examples[i]) for i in overlapping]
         swapped_images = images_for(swapped)
         named, named_bound, drawn, follows = [], [], [], []

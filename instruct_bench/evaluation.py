@@ -116,13 +116,13 @@ def depth_swap_scores(pipe, examples, images, settings: EvalSettings) -> list[fl
     from .metrics import depth_swap
     from .tasks import swap_depths
 
-    swapped = [swap_depths(e) if _overlapping(e) else e for e in examples]
+    swapped = [swap_depths(e) if has_overlapping_objects(e) else e for e in examples]
     swapped_images = generate_for(pipe, swapped, settings)
     return [depth_swap(image, e.scene, other, s.scene) if s is not e else None
             for e, image, s, other in zip(examples, images, swapped, swapped_images)]
 
 
-def _overlapping(example) -> bool:
+def has_overlapping_objects(example) -> bool:
     from .scenes import overlaps
 
     return bool(np.triu(overlaps(example.scene, example.target.height), 1).any())
