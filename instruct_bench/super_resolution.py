@@ -33,7 +33,7 @@ from .tasks import IN_DOMAIN_TASKS, make_split
 HIGH_SIZE = 128
 LOW_SIZE = 32
 RECIPE = {"seed": 0, "examples_per_task": 400, "steps": 3000, "batch_size": 16, "crop": 32, "lr": 5e-4,
-          "warmup_steps": 100, "text_dropout": 0.1}
+          "warmup_steps": 100, "text_dropout": 0.1, "residual": True, "residual_scale": 7.0}
 
 
 def training_pairs(examples_per_task: int, seed: int = 0, tasks=IN_DOMAIN_TASKS, log=print):
@@ -121,6 +121,13 @@ def train(stage: SuperResolution, low, high, text, null_text, recipe: dict = REC
             "loss_first_50": round(float(np.mean(losses[:50])), 5), "loss_last_50": round(float(np.mean(losses[-50:])), 5)}
 
 
+def new_stage(recipe: dict, text_width: int) -> SuperResolution:
+    """A freshly initialised stage as `recipe` trains it, reading text embeddings `text_width` wide."""
+    config = SuperResolutionConfig(unet={**SuperResolutionConfig().unet, "cross_attention_dim": text_width},
+                                   residual=recipe["residual"], residual_scale=recipe["residual_scale"])
+    return SuperResolution.build(config, seed=recipe["seed"])
+
+
 def build(folder: Path = DEFAULT_MODEL_DIR, work_dir: Path = Path("runs/super_resolution"), recipe: dict = RECIPE,
           log=print) -> dict:
     """Train the bundled super-resolution stage from scratch (resuming an interrupted run) and save it beside
@@ -132,9 +139,7 @@ def build(folder: Path = DEFAULT_MODEL_DIR, work_dir: Path = Path("runs/super_re
     low, high, texts = training_pairs(recipe["examples_per_task"], recipe["seed"], log=log)
     text = embed_texts(pipe, texts)
     null_text = embed_texts(pipe, [""])[0]
-    config = SuperResolutionConfig(unet={**SuperResolutionConfig().unet,
-                                         "cross_attention_dim": int(text.shape[-1])})
-    stage = SuperResolution.build(config, seed=recipe["seed"])
+    stage = new_stage(recipe, int(text.shape[-1]))
     measured = train(stage, low, high, text, null_text, recipe, work_dir, log=log)
     measured["recipe"] = recipe
     stage.save(folder, {"build": json.dumps(measured)})

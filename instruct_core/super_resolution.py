@@ -2,6 +2,7 @@
 
     base output (h x w, in [0, 1]) --noise augmentation at `noise_level`--> upsampled, concatenated to the noisy
     high-resolution sample --UNet(text, noise level)--> factor*h x factor*w
+    (a `residual` stage diffuses the difference from the bicubic-upsampled base output, and adds it back)
 
 The low-resolution input is corrupted with the diffusion's own forward process at timestep `noise_level`
 (noise-conditioning augmentation, Ho et al. 2021 / Saharia et al. 2022), and the model is told that level through
@@ -29,7 +30,9 @@ SUPER_RESOLUTION_WEIGHTS = "super_resolution.safetensors"
 SUPER_RESOLUTION_CONFIG = "super_resolution.json"
 
 # Attention only at the two coarsest levels: at full resolution it would cost most of the time and, as in
-# Imagen's super-resolution models, the text matters there least.
+# Imagen's super-resolution models, the text matters there least. Cross-attention only (no self-attention, and
+# no middle block, whose attention would be self-attention), as there too: the stage trains on crops and samples
+# whole images, and self-attention over a crop's few positions does not carry over to a whole image's many.
 DEFAULT_UNET = {
     "sample_size": 128,
     "in_channels": 6,
@@ -42,6 +45,8 @@ DEFAULT_UNET = {
     "attention_head_dim": 32,
     "norm_num_groups": 32,
     "class_embed_type": "timestep",
+    "only_cross_attention": True,
+    "mid_block_type": None,
 }
 DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
                      "prediction_type": "v_prediction"}
@@ -69,6 +74,17 @@ class SuperResolutionConfig:
     denoise: float = 0.3
     # the largest augmentation level seen in training; a request above it is refused
     max_noise_level: int = 350
+    # diffuse the difference from the bicubic-upsampled input rather than the image: the stage then only has
+    # to learn the detail bicubic misses, and where it has learned little it leaves bicubic's image as it is
+    residual: bool = False
+    # a residual stage diffuses the difference times this: about an image's spread over the difference's, so
+    # the noise schedule, made for images, does not bury the difference at the first steps of noise
+    residual_scale: float = 1.0
+
+    def __post_init__(self):
+        if not (isinstance(self.residual_scale, (int, float)) and self.residual_scale > 0):
+            raise SuperResolutionError(f"super-resolution config: residual_scale must be a number above 0, got "
+                                       f"{self.residual_scale!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "SuperResolutionConfig":
@@ -162,6 +178,12 @@ class SuperResolution:
         size = (low.shape[-2] * self.factor, low.shape[-1] * self.factor)
         return F.interpolate(noisy, size=size, mode="bilinear", align_corners=False)
 
+    def anchor(self, low: torch.Tensor) -> torch.Tensor:
+        """Clean low-resolution pixels in [-1, 1], upsampled bicubically: what a residual stage adds its sample
+        to, and where a partial denoise of an image stage starts."""
+        size = (low.shape[-2] * self.factor, low.shape[-1] * self.factor)
+        return F.interpolate(low, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
+
     def model_output(self, x_in: torch.Tensor, t: torch.Tensor, low: torch.Tensor, noise_level: torch.Tensor,
                      text: torch.Tensor) -> torch.Tensor:
         """The UNet's raw prediction for the scaled noisy sample `x_in` at timesteps `t`, given the augmented,
@@ -180,6 +202,8 @@ class SuperResolution:
         levels = torch.randint(0, self.config.max_noise_level + 1, (rows,), generator=generator).to(high.device)
         augmented = self.augment(low, levels, draw(*low.shape))
         alpha = self.schedule.alphas_cumprod.to(high.device, torch.float32)[timesteps].reshape(-1, 1, 1, 1)
+        if self.config.residual:
+            high = (high - self.anchor(low)) * self.config.residual_scale
         noise = draw(*high.shape)
         noisy = alpha.sqrt() * high + (1 - alpha).sqrt() * noise
         target = alpha.sqrt() * noise - (1 - alpha).sqrt() * high
@@ -214,12 +238,14 @@ class SuperResolution:
         sigmas = (full(steps) if denoise >= 1.0 else sigmas_for_denoise(full, steps, denoise)).float().to(self.device)
         shape = (rows, 3, height * self.factor, width * self.factor)
         noise = prepare_noise(shape, generator).to(self.device)
+        anchor = self.anchor(low)
         if denoise >= 1.0:
             x = noise * float((sigmas[0] ** 2 + 1).sqrt())
-        else:
-            upsampled = F.interpolate(low, size=shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
-            x = upsampled + noise * float(sigmas[0])
+        else:  # a residual stage starts from no difference, an image stage from the upsampled image
+            x = (0 if config.residual else anchor) + noise * float(sigmas[0])
         sample = SAMPLERS[sampler](denoiser, x, sigmas, extra_args=cond, callback=callback, generator=generator)
+        if config.residual:
+            sample = anchor + sample / config.residual_scale
         if not bool(torch.isfinite(sample).all()):
             raise SuperResolutionError("super-resolution: sampling gave NaN or infinite values")
         return ((sample.float() + 1) / 2).clamp(0, 1).cpu()

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from instruct_core.tiny import tiny_super_resolution as tiny_stage
 from instruct_core.train.checkpointing import list_checkpoints
 from instruct_bench import scenes
-from instruct_bench.super_resolution import (HIGH_SIZE, LOW_SIZE, random_crops, results_page, train,
-                                             training_pairs)
+from instruct_bench.super_resolution import (HIGH_SIZE, LOW_SIZE, RECIPE, new_stage, random_crops, results_page,
+                                             train, training_pairs)
 from instruct_bench.tasks import make_split
 
 
@@ -36,6 +36,14 @@ def test_crops_take_the_same_window_of_both_sizes():
     assert low_crop.shape == (6, 3, 4, 4) and high_crop.shape == (6, 3, 16, 16)
     assert torch.equal(F.interpolate(low_crop, scale_factor=4, mode="nearest"), high_crop)
     assert len({tuple(c.flatten()[:3].tolist()) for c in low_crop}) > 1  # windows differ between rows
+
+
+def test_the_recipe_builds_a_residual_stage_without_self_attention():
+    stage = new_stage(RECIPE, 48)
+    assert stage.config.residual and stage.config.residual_scale == RECIPE["residual_scale"]
+    attention = [module for name, module in stage.unet.named_modules() if name.endswith("attn1")]
+    assert attention and all(module.to_k.in_features == 48 for module in attention)  # keys from the text only
+    assert stage.unet.config.cross_attention_dim == 48
 
 
 def test_training_lowers_the_loss_and_resumes_from_its_checkpoint(tmp_path):

@@ -1,5 +1,6 @@
 """A weight file changes only with the results measured on it: every commit after the harness's weights moved
-beside it that writes a new version of a model's weights also writes docs/RESULTS.md."""
+beside it that writes a new version of a model's weights also writes docs/RESULTS.md (for the super-resolution
+stage, docs/SUPER_RESOLUTION.md)."""
 
 import shutil
 import subprocess
@@ -31,3 +32,13 @@ def test_every_new_weight_version_comes_with_its_results(history):
     without = [commit[:8] for commit in changed
                if "docs/RESULTS.md" not in git("show", "--format=", "--name-only", commit).split()]
     assert without == [], f"commits that changed weights without docs/RESULTS.md: {', '.join(without)}"
+
+
+def test_every_new_super_resolution_stage_comes_with_its_measurement(history):
+    # from the commit that first wrote the stage's results page on
+    page = "docs/SUPER_RESOLUTION.md"
+    first = git("log", "--no-renames", "--diff-filter=A", "--format=%H", "--", page).split()[-1]
+    changed = git("log", "--format=%H", "--no-renames", "--diff-filter=AM", f"{first}..HEAD", "--",
+                  "instruct_core/default_model/super_resolution.safetensors").split()
+    without = [commit[:8] for commit in changed if page not in git("show", "--format=", "--name-only", commit).split()]
+    assert without == [], f"commits that changed the super-resolution stage without {page}: {', '.join(without)}"

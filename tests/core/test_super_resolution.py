@@ -14,8 +14,10 @@ from instruct_core.tiny import tiny_super_resolution
 TEXT_WIDTH = 32  # the tiny base's text encoder
 
 
-def tiny_stage(seed: int = 0, steps: int = 3) -> SuperResolution:
-    return tiny_super_resolution(seed=seed, steps=steps, text_width=TEXT_WIDTH)
+def tiny_stage(seed: int = 0, steps: int = 3, residual: bool = False) -> SuperResolution:
+    stage = tiny_super_resolution(seed=seed, steps=steps, text_width=TEXT_WIDTH)
+    stage.config.residual = residual
+    return stage
 
 
 def images(rows: int = 2, side: int = 8) -> torch.Tensor:
@@ -42,8 +44,61 @@ def test_the_low_resolution_input_and_its_noise_level_reach_the_model():
     assert not torch.allclose(base, stage.upscale(images(), text(), seed=0, noise_level=300))
 
 
-def test_saved_stage_loads_with_the_same_weights(tmp_path):
-    stage = tiny_stage(steps=2)
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_a_residual_stage_adds_its_sample_to_the_bicubic_upsample(scale):
+    # with the output layer zeroed both stages sample the same trajectory, so what differs is only where it is
+    # added: to nothing (mid-grey) or, divided by the scale, to the bicubic-upsampled input (compared where
+    # neither is clamped)
+    low = 0.25 + 0.5 * images()
+    samples = {}
+    for residual in (False, True):
+        stage = tiny_stage(residual=residual)
+        stage.config.residual_scale = scale
+        torch.nn.init.zeros_(stage.unet.conv_out.weight)
+        torch.nn.init.zeros_(stage.unet.conv_out.bias)
+        samples[residual] = stage.upscale(low, text(), seed=5, denoise=1.0)
+    bicubic = (stage.anchor(low * 2 - 1) + 1) / 2
+    unclamped = ((samples[True] > 0) & (samples[True] < 1) & (samples[False] > 0) & (samples[False] < 1))
+    assert float(unclamped.float().mean()) > 0.5
+    expected = bicubic + (samples[False] - 0.5) / scale
+    assert torch.allclose(samples[True][unclamped], expected[unclamped], atol=1e-5)
+
+
+def test_a_residual_stage_learns_the_difference_from_bicubic():
+    stage = tiny_stage(residual=True)
+    low = images(4, 8) * 2 - 1
+    high = stage.anchor(low)
+    torch.nn.init.zeros_(stage.unet.conv_out.weight)
+    torch.nn.init.zeros_(stage.unet.conv_out.bias)
+    generator = lambda: torch.Generator().manual_seed(7)
+    # nothing to add to bicubic: the zero prediction misses only the noise's part of v ...
+    exact = stage.training_loss(low, high, text(4), generator=generator())
+    # ... and an image stage, asked for the same pictures, misses their pixels as well
+    image_stage = tiny_stage(residual=False)
+    image_stage.unet.load_state_dict(stage.unet.state_dict())
+    assert float(exact) < 0.8 * float(image_stage.training_loss(low, high, text(4), generator=generator()))
+
+
+def test_a_residual_scale_that_is_not_above_zero_is_refused(tmp_path):
+    tiny_stage().save(tmp_path)
+    config = tmp_path / "super_resolution.json"
+    config.write_text(config.read_text().replace('"residual_scale": 1.0', '"residual_scale": 0'))
+    with pytest.raises(SuperResolutionError, match="residual_scale"):
+        SuperResolution.load(tmp_path)
+
+
+def test_a_stage_file_without_the_residual_field_is_an_image_stage(tmp_path):
+    tiny_stage().save(tmp_path)
+    config = tmp_path / "super_resolution.json"
+    data = __import__("json").loads(config.read_text())
+    del data["residual"]
+    config.write_text(__import__("json").dumps(data))
+    assert SuperResolution.load(tmp_path).config.residual is False
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_saved_stage_loads_with_the_same_weights(tmp_path, residual):
+    stage = tiny_stage(steps=2, residual=residual)
     stage.save(tmp_path)
     loaded = SuperResolution.load(tmp_path)
     assert loaded.config == stage.config
@@ -84,8 +139,9 @@ def test_bad_requests_are_refused_naming_what_is_wrong(call, named):
         call(tiny_stage())
 
 
-def test_training_lowers_the_loss_on_a_fixed_batch():
-    stage = tiny_stage()
+@pytest.mark.parametrize("residual", [False, True])
+def test_training_lowers_the_loss_on_a_fixed_batch(residual):
+    stage = tiny_stage(residual=residual)
     low, high = images(4, 8) * 2 - 1, torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
     optimizer = torch.optim.Adam(stage.unet.parameters(), lr=2e-3)
     losses = []
