@@ -33,7 +33,7 @@ from .tasks import IN_DOMAIN_TASKS, make_split
 HIGH_SIZE = 128
 LOW_SIZE = 32
 RECIPE = {"seed": 0, "examples_per_task": 400, "steps": 3000, "batch_size": 16, "crop": 32, "lr": 5e-4,
-          "warmup_steps": 100, "text_dropout": 0.1, "residual": True, "residual_scale": 7.0}
+          "warmup_steps": 100, "text_dropout": 0.1, "residual": True, "residual_scale": 14.0}
 
 
 def training_pairs(examples_per_task: int, seed: int = 0, tasks=IN_DOMAIN_TASKS, log=print):
