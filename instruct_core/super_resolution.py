@@ -29,7 +29,7 @@ from .schedules import SCHEDULES, DiscreteSchedule, get_sigmas, sigmas_for_denoi
 SUPER_RESOLUTION_WEIGHTS = "super_resolution.safetensors"
 SUPER_RESOLUTION_CONFIG = "super_resolution.json"
 
-# Attention only at the two coarsest levels: at full resolution it would cost most of the time and, as in
+# Attention only at the coarsest level: at full resolution it would cost most of the time and, as in
 # Imagen's super-resolution models, the text matters there least. Cross-attention only (no self-attention, and
 # no middle block, whose attention would be self-attention), as there too: the stage trains on crops and samples
 # whole images, and self-attention over a crop's few positions does not carry over to a whole image's many.
