@@ -67,7 +67,9 @@ def test_training_lowers_the_loss_and_resumes_from_its_checkpoint(tmp_path):
 def test_results_page_shows_the_command_and_every_task():
     interval = (0.5, 0.4, 0.6)
     summary = {name: interval for name in ("edge_f1_stage", "edge_f1_bicubic", "edge_f1_gain", "mask_iou_stage",
-                                           "mask_iou_bicubic", "mask_iou_gain", "evaluator_agreement")}
+                                           "mask_iou_bicubic", "mask_iou_gain", "evaluator_agreement",
+                                           "edge_f1_true_input_stage", "edge_f1_true_input_bicubic")}
+    summary["edge_f1_true_input_gain"] = (0.1, 0.05, 0.15)
     results = {"settings": {"examples": 48, "seed": 1234, "base_steps": 12,
                             "stage": {"steps": 8, "sampler": "dpmpp_2m", "schedule": "karras_capped",
                                       "noise_level": 100}},
@@ -78,7 +80,9 @@ def test_results_page_shows_the_command_and_every_task():
     assert "`python -m instruct_bench super-resolution`" in page and "the machine" in page
     rows = [line for line in page.splitlines() if line.startswith("| edge_to_image") or
             line.startswith("| mask_to_image")]
-    assert len(rows) == 4 and "0.500 [0.400, 0.600]" in rows[0] and rows[2].endswith("| 0.300 | 0.200 |")
+    assert len(rows) == 6 and "0.500 [0.400, 0.600]" in rows[0] and rows[2].endswith("| 0.300 | 0.200 |")
+    assert rows[4] == "| edge_to_image | 0.500 [0.400, 0.600] | 0.500 [0.400, 0.600] | 0.100 [0.050, 0.150] |"
+    assert page.index("true 32x32 scenes") < page.index(rows[4])
 
 
 def test_word_separation_tells_an_encoder_that_reads_words_from_one_that_cannot():
