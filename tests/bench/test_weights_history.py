@@ -27,18 +27,19 @@ def history():
     return moved[-1]
 
 
+def commits_without(page: str, since: str, *weights: str) -> list[str]:
+    """Short ids of the commits after `since` that wrote a new version of `weights` but not `page`."""
+    changed = git("log", "--format=%H", "--no-renames", "--diff-filter=AM", f"{since}..HEAD", "--", *weights).split()
+    return [commit[:8] for commit in changed if page not in git("show", "--format=", "--name-only", commit).split()]
+
+
 def test_every_new_weight_version_comes_with_its_results(history):
-    changed = git("log", "--format=%H", "--no-renames", "--diff-filter=AM", f"{history}..HEAD", "--", *WEIGHTS).split()
-    without = [commit[:8] for commit in changed
-               if "docs/RESULTS.md" not in git("show", "--format=", "--name-only", commit).split()]
+    without = commits_without("docs/RESULTS.md", history, *WEIGHTS)
     assert without == [], f"commits that changed weights without docs/RESULTS.md: {', '.join(without)}"
 
 
 def test_every_new_super_resolution_stage_comes_with_its_measurement(history):
-    # from the commit that first wrote the stage's results page on
     page = "docs/SUPER_RESOLUTION.md"
-    first = git("log", "--no-renames", "--diff-filter=A", "--format=%H", "--", page).split()[-1]
-    changed = git("log", "--format=%H", "--no-renames", "--diff-filter=AM", f"{first}..HEAD", "--",
-                  "instruct_core/default_model/super_resolution.safetensors").split()
-    without = [commit[:8] for commit in changed if page not in git("show", "--format=", "--name-only", commit).split()]
+    first_page = git("log", "--no-renames", "--diff-filter=A", "--format=%H", "--", page).split()[-1]
+    without = commits_without(page, first_page, "instruct_core/default_model/super_resolution.safetensors")
     assert without == [], f"commits that changed the super-resolution stage without {page}: {', '.join(without)}"
