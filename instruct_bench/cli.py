@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose = commands.add_parser("diagnose", help="how far apart a model's text encoder holds colour and shape "
                                                     "words (cosine between captions, linear probe), and where its "
                                                     "images put the named colours and which object they draw in "
-                                                    "front; prints JSON")
+                                                    "front, and whether its text cross-attention routes each object's "
+                                                    "words to that object's pixels; prints JSON")
     diagnose.add_argument("--variants", default="full,text_only",
                           help="comma-separated variants; 'truth' reads the true images (drawing only)")
     diagnose.add_argument("--captions", type=int, default=400)
@@ -265,7 +266,7 @@ def run_super_resolution(args) -> int:
 def run_diagnose(args) -> int:
     import json
 
-    from .diagnostics import drawing_report, word_separation
+    from .diagnostics import ROUTING_TASKS, drawing_report, text_routing, word_separation
     from .evaluation import EvalSettings, load_evaluator, variant_pipe
 
     check_at_least("--captions", args.captions, 8)
@@ -286,6 +287,9 @@ def run_diagnose(args) -> int:
         report[variant] = {} if pipe is None else {"words": word_separation(pipe, args.captions, args.seed)}
         if args.examples:
             report[variant]["drawing"] = drawing_report(pipe, evaluator, settings)
+        if args.examples and pipe is not None:
+            report[variant]["routing"] = {task: text_routing(pipe, task, examples=args.examples)
+                                          for task in ROUTING_TASKS}
     print(json.dumps(report, indent=1))
     return 0
 

@@ -21,6 +21,12 @@ A probe near 1 with a cosine near 1 means the word is there but as a small diffe
   parts that nothing covers) rather than by the colours the caption names, so an image that draws the wrong
   colours still shows which object it puts in front; it tells a model that ignores the depth map's order from
   one whose order the colour metric cannot read.
+
+`text_routing` reads the base's own text cross-attention rather than its images: in two-object scenes, how much
+of the attention a word gets at its own object's pixels, against what the same word of the other object gets
+there. A share of 0.5 means the text reaches every pixel alike (the word is not routed to its object, so which
+colour goes where has to be decoded from a summary of the whole caption); a model that routes each object's
+words to its pixels approaches 1.
 """
 
 from __future__ import annotations
@@ -219,3 +225,106 @@ def drawing_report(pipe, evaluator, settings) -> dict[str, dict]:
 
 def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
+
+
+# A noisy target at these timesteps shows where the objects are, as a sampler's image does midway.
+ROUTING_TIMESTEPS = (300, 700)
+ROUTED_WORDS = ("colour", "shape", "place")
+# the tasks whose text alone says which colour goes where (a mask or edges fix only the shapes)
+ROUTING_TASKS = ("text_to_image", "mask_to_image", "edge_to_image")
+
+
+def _word_positions(tokens: list[str], objects) -> dict[str, list[int]] | None:
+    """Token index of each object's colour, shape and last place word, in caption order; None if one is missing."""
+    found: dict[str, list[int]] = {kind: [] for kind in ROUTED_WORDS}
+    start = 0
+    for obj in objects:
+        words = {"colour": obj.colour, "shape": obj.shape, "place": obj.where.split()[-1]}
+        for kind in ROUTED_WORDS:
+            try:
+                start = tokens.index(words[kind] + "</w>", start) + 1
+            except ValueError:
+                return None
+            found[kind].append(start - 1)
+    return found
+
+
+@torch.no_grad()
+def text_routing(pipe, task: str = "text_to_image", split: str = "test", examples: int = 48,
+                 seed: int = 1234) -> dict[str, dict[str, float]]:
+    """Per kind of word (colour, shape, place), over the base's text cross-attention layers, the noisy targets of
+    ROUTING_TIMESTEPS and every ordered pair of plain objects (a, b) that differ in that word: `share`, the mean
+    of attention(a's word at a's pixels) / (that + attention(b's word at a's pixels)), heads averaged; and
+    `best_head`, the highest such share of any one head of any layer. "pairs" counts the object pairs."""
+    from diffusers.models.attention_processor import Attention
+
+    from .tasks import make_split
+
+    tokenizer = pipe.base.tokenizers[0]
+    captured: dict[str, tuple] = {}
+
+    def keep(name):
+        def pre_hook(module, args, kwargs):
+            captured[name] = (module, args[0] if args else kwargs["hidden_states"], kwargs["encoder_hidden_states"])
+        return pre_hook
+
+    handles = [module.register_forward_pre_hook(keep(name), with_kwargs=True)
+               for name, module in pipe.base.unet.named_modules()
+               if isinstance(module, Attention) and name.endswith("attn2")]
+    shares = {kind: {} for kind in ROUTED_WORDS}  # kind -> layer -> list of per-head shares
+    pairs = dict.fromkeys(ROUTED_WORDS, 0)
+    alphas = pipe.schedule.alphas_cumprod.float()
+    try:
+        for example in make_split(task, split, examples, seed=seed):
+            scene = example.scene
+            objects = [(i, o) for i, o in enumerate(scene.objects) if o.subject is None]
+            ids = tokenizer(example.instruction.text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+            positions = _word_positions(tokenizer.convert_ids_to_tokens(ids), [o for _, o in objects])
+            if scene.style is not None or len(objects) < 2 or not positions:
+                continue
+            # where the encoded text holds token i: a long text is encoded in windows of start token, `room`
+            # tokens and end token, side by side (InstructImagen.embed_text)
+            room = tokenizer.model_max_length - 2
+            positions = {kind: [i // room * tokenizer.model_max_length + 1 + i % room for i in found]
+                         for kind, found in positions.items()}
+            masks = scenes.layout(scene, pipe.native_size).object_masks
+            text, _ = pipe.encode_text([example.instruction.text])
+            image = torch.from_numpy(pixels_of(example.target, pipe.native_size) / 255).permute(2, 0, 1)[None]
+            clean = pipe.to_model_space(image).float().cpu()
+            noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
+            for timestep in ROUTING_TIMESTEPS:
+                alpha = alphas[timestep]
+                noisy = (alpha.sqrt() * clean + (1 - alpha).sqrt() * noise).to(pipe.device, pipe.dtype)
+                captured.clear()
+                pipe.model(noisy, torch.tensor([timestep], device=pipe.device), text, None, None)
+                for name, (attn, hidden, context) in captured.items():
+                    query, key = attn.to_q(hidden), attn.to_k(context)
+                    heads, width = attn.heads, query.shape[-1] // attn.heads
+                    query = query.view(1, -1, heads, width).transpose(1, 2)
+                    key = key.view(1, -1, heads, width).transpose(1, 2)
+                    weights = (query @ key.transpose(-1, -2) * width ** -0.5).softmax(-1)[0].float()  # (H, N, L)
+                    side = int(round(weights.shape[1] ** 0.5))
+                    cells = masks.reshape(len(masks), side, masks.shape[1] // side, side, -1).mean((2, 4)) > 0.5
+                    own_pixels = {i: torch.from_numpy(cells[i].reshape(-1)) for i, _ in objects}
+                    for kind in ROUTED_WORDS:
+                        words = positions[kind]
+                        for (a, obj_a), word_a in zip(objects, words):
+                            for (b, obj_b), word_b in zip(objects, words):
+                                same = getattr(obj_a, kind if kind != "place" else "where") == \
+                                    getattr(obj_b, kind if kind != "place" else "where")
+                                if a == b or same or not own_pixels[a].any():
+                                    continue
+                                at_a = weights[:, own_pixels[a]]
+                                own, other = at_a[..., word_a].mean(-1), at_a[..., word_b].mean(-1)
+                                shares[kind].setdefault(name, []).append((own / (own + other)).numpy())
+                                pairs[kind] += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    report = {}
+    for kind, layers in shares.items():
+        per_layer = [np.stack(values) for values in layers.values()]
+        report[kind] = {"share": float(np.mean([v.mean() for v in per_layer])) if per_layer else float("nan"),
+                        "best_head": float(max(v.mean(0).max() for v in per_layer)) if per_layer else float("nan"),
+                        "pairs": pairs[kind] // max(1, len(ROUTING_TIMESTEPS) * len(layers))}
+    return report

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from instruct_bench import scenes, tasks
@@ -100,3 +101,87 @@ def test_diagnose_refuses_the_true_images_without_examples(capsys):
     assert main(["diagnose", "--variants", "truth", "--examples", "0"]) == 2
     assert "truth" in capsys.readouterr().err
     assert main(["diagnose", "--examples", "-1"]) == 2
+
+
+def _fresh_default_pipe():
+    from instruct_bench.build_default import ADAPTER, build_default_base
+    from instruct_core.context_unet import ContextAdapterConfig, ContextAugmentedUNet
+    from instruct_core.pipeline import InstructImagen
+
+    base = build_default_base(seed=0)
+    return InstructImagen(base, ContextAugmentedUNet(base.unet, ContextAdapterConfig(**ADAPTER)))
+
+
+def _route_by_object(pipe, kind: str, swap: bool = False):
+    """Forward hooks that make every text cross-attention attend, at each object's pixels, to that object's word
+    of `kind` (with `swap`, to the other object's): queries and keys become one-hot object indicators."""
+    from diffusers.models.attention_processor import Attention
+
+    from instruct_bench.diagnostics import _word_positions
+
+    current = {}
+    encode = pipe.encode_text
+
+    def encode_and_remember(texts):
+        example = next(e for e in current["examples"] if e.instruction.text == texts[0])
+        tokenizer = pipe.base.tokenizers[0]
+        ids = tokenizer(texts[0], add_special_tokens=False, verbose=False).input_ids
+        plain = [o for o in example.scene.objects if o.subject is None]
+        words = _word_positions(tokenizer.convert_ids_to_tokens(ids), plain) or {kind: []}
+        room = tokenizer.model_max_length - 2
+        current["words"] = [i // room * tokenizer.model_max_length + 1 + i % room for i in words[kind]]
+        masks = scenes.layout(example.scene, pipe.native_size).object_masks
+        current["masks"] = [masks[i] for i, o in enumerate(example.scene.objects) if o.subject is None]
+        return encode(texts)
+
+    def query(module, args, out):
+        side = int(round(out.shape[1] ** 0.5))
+        one_hot = torch.zeros_like(out)
+        for index, mask in enumerate(current["masks"]):
+            cells = mask.reshape(side, len(mask) // side, side, -1).mean((1, 3)) > 0.5
+            target = (index + 1) % len(current["masks"]) if swap else index
+            one_hot[0, torch.from_numpy(cells.reshape(-1)), target] = 200.0
+        return one_hot
+
+    def key(module, args, out):
+        one_hot = torch.zeros_like(out)
+        for index, position in enumerate(current["words"]):
+            one_hot[:, position, index] = 1.0
+        return one_hot
+
+    pipe.encode_text = encode_and_remember
+    for name, module in pipe.base.unet.named_modules():
+        if isinstance(module, Attention) and name.endswith("attn2"):
+            module.heads = 1  # one head of every channel, so an indicator is one head's whole query
+            module.to_q.register_forward_hook(query)
+            module.to_k.register_forward_hook(key)
+    return current
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_text_routing_reads_which_object_a_word_is_attended_at(swap):
+    from instruct_bench.diagnostics import text_routing
+
+    pipe = _fresh_default_pipe()
+    current = _route_by_object(pipe, "colour", swap=swap)
+    current["examples"] = tasks.make_split("text_to_image", "test", 8, seed=1234)
+    routed = text_routing(pipe, "text_to_image", examples=8)
+    assert routed["colour"]["pairs"] >= 3
+    if swap:  # every object's pixels read the other object's colour word
+        assert routed["colour"]["share"] < 0.02 and routed["colour"]["best_head"] < 0.02
+    else:
+        assert routed["colour"]["share"] > 0.98
+    # the shape and place words of the objects get no attention of their own: neither is routed
+    assert abs(routed["place"]["share"] - 0.5) < 0.02
+
+
+def test_text_routing_of_a_text_read_alike_everywhere_is_one_half():
+    from instruct_bench.diagnostics import text_routing
+
+    pipe = _fresh_default_pipe()
+    for module in pipe.base.unet.modules():
+        if type(module).__name__ == "Attention" and module.is_cross_attention:
+            module.to_k.weight.data.zero_()  # every key alike: each pixel attends to every token the same
+    routed = text_routing(pipe, "mask_to_image", examples=6)
+    for kind in ("colour", "shape", "place"):
+        assert routed[kind]["pairs"] >= 1 and abs(routed[kind]["share"] - 0.5) < 1e-4
