@@ -266,7 +266,7 @@ def run_super_resolution(args) -> int:
 def run_diagnose(args) -> int:
     import json
 
-    from .diagnostics import ROUTING_TASKS, drawing_report, text_routing, word_separation
+    from .diagnostics import ROUTING_TASKS, drawing_report, encoder_binding, text_routing, word_separation
     from .evaluation import EvalSettings, load_evaluator, variant_pipe
 
     check_at_least("--captions", args.captions, 8)
@@ -284,7 +284,8 @@ def run_diagnose(args) -> int:
     report = {}
     for variant in variants:
         pipe = None if variant == "truth" else variant_pipe(variant)
-        report[variant] = {} if pipe is None else {"words": word_separation(pipe, args.captions, args.seed)}
+        report[variant] = {} if pipe is None else {"words": word_separation(pipe, args.captions, args.seed),
+                                                   "binding": encoder_binding(pipe, args.captions, args.seed)}
         if args.examples:
             report[variant]["drawing"] = drawing_report(pipe, evaluator, settings)
         if args.examples and pipe is not None:

@@ -11,6 +11,9 @@ comparison) and reports, per kind of word:
 
 A probe near 1 with a cosine near 1 means the word is there but as a small difference the UNet has to amplify.
 
+`encoder_binding` asks the same of two-object captions: does the state at each object's words name that object's
+colour, or the other's as well?
+
 `colour_reading` and `drawn_depth_order` read a model's own images (`python -m instruct_bench diagnose --examples N`):
 
 - `colour_reading`: where each plain object's named colour ends up, as the evaluator reads it: at the object's own
@@ -103,6 +106,41 @@ def word_separation(pipe, captions: int = 400, seed: int = 0) -> dict[str, dict[
                          "probe_accuracy": _probe_accuracy(pooled, np.asarray(labels), len(words)),
                          "chance": 1.0 / len(words)}
     return results
+
+
+def encoder_binding(pipe, captions: int = 400, seed: int = 0) -> dict[str, dict[str, float]]:
+    """In captions of two plain objects of different colours: how well a linear probe (as in `word_separation`) on
+    the encoder's state at each object's last place word names that object's colour ("own") and the other
+    object's ("other"), per object in caption order ("first", "second"; "chance" is one over the colours). A
+    causal encoder's first object can only carry its own colour; where the second object's state names the
+    other colour as well as its own, the encoder hands the UNet both colours there, not one bound to its object."""
+    rng = np.random.default_rng(seed)
+    colours = list(scenes.COLOURS)
+    texts, objects = [], []
+    while len(texts) < captions:
+        scene = scenes.sample_scene(rng, num_objects=2)
+        pair = tuple(replace(o, subject=None, pattern="plain") for o in scene.objects)
+        if pair[0].colour != pair[1].colour:
+            texts.append(scenes.caption(replace(scene, objects=pair, style=None)))
+            objects.append(pair)
+    states, ids = _states(pipe, texts)
+    tokenizer = pipe.base.tokenizers[0]
+    features: list[list[np.ndarray]] = [[], []]
+    labels: list[list[int]] = [[], []]
+    for row, pair in enumerate(objects):
+        positions = _word_positions(tokenizer.convert_ids_to_tokens(ids[row].tolist()), pair)
+        if positions is None:  # a caption longer than the encoder's window
+            continue
+        for index, obj in enumerate(pair):
+            features[index].append(states[row, positions["place"][index]])
+            labels[index].append(colours.index(obj.colour))
+    report = {}
+    for index, name in enumerate(("first", "second")):
+        found = np.stack(features[index])
+        report[name] = {"own": _probe_accuracy(found, np.asarray(labels[index]), len(colours)),
+                        "other": _probe_accuracy(found, np.asarray(labels[1 - index]), len(colours))}
+    report["chance"] = {"own": 1.0 / len(colours), "other": 1.0 / len(colours)}
+    return report
 
 
 def colour_reading(examples, output) -> dict[str, float]:

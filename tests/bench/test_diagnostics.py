@@ -185,3 +185,18 @@ def test_text_routing_of_a_text_read_alike_everywhere_is_one_half():
     routed = text_routing(pipe, "mask_to_image", examples=6)
     for kind in ("colour", "shape", "place"):
         assert routed[kind]["pairs"] >= 1 and abs(routed[kind]["share"] - 0.5) < 1e-4
+
+
+def test_encoder_binding_tells_an_object_s_own_colour_from_the_other_s():
+    from instruct_bench.diagnostics import encoder_binding
+    from instruct_core.models import load_pipeline
+
+    pipe = load_pipeline("tiny", device="cpu")
+    bound = encoder_binding(pipe, captions=200)
+    chance = bound["chance"]["own"]
+    # a causal encoder's first object comes before the other colour is named: it carries its own colour only
+    assert bound["first"]["own"] > 3 * chance and bound["first"]["other"] <= 2 * chance
+    pipe.base.text_encoders[0].get_input_embeddings().weight.data.zero_()
+    blind = encoder_binding(pipe, captions=200)
+    for index in ("first", "second"):
+        assert blind[index]["own"] <= 2 * chance and blind[index]["other"] <= 2 * chance
