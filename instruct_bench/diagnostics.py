@@ -268,6 +268,7 @@ def _mean(values: list[float]) -> float:
 # A noisy target at these timesteps shows where the objects are, as a sampler's image does midway.
 ROUTING_TIMESTEPS = (300, 700)
 ROUTED_WORDS = ("colour", "shape", "place")
+_ROUTED_FIELDS = {"colour": "colour", "shape": "shape", "place": "where"}  # the SceneObject field each word names
 # the tasks whose text alone says which colour goes where (a mask or edges fix only the shapes)
 ROUTING_TASKS = ("text_to_image", "mask_to_image", "edge_to_image")
 
@@ -285,6 +286,15 @@ def _word_positions(tokens: list[str], objects) -> dict[str, list[int]] | None:
                 return None
             found[kind].append(start - 1)
     return found
+
+
+def _attention_weights(attn, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """The attention probabilities (heads, pixels, tokens) of the first row of a diffusers cross-attention."""
+    query, key = attn.to_q(hidden[:1]), attn.to_k(context[:1])
+    heads, width = attn.heads, query.shape[-1] // attn.heads
+    query = query.view(1, -1, heads, width).transpose(1, 2)
+    key = key.view(1, -1, heads, width).transpose(1, 2)
+    return (query @ key.transpose(-1, -2) * width ** -0.5).softmax(-1)[0].float()
 
 
 @torch.no_grad()
@@ -316,7 +326,7 @@ def text_routing(pipe, task: str = "text_to_image", split: str = "test", example
         for example in make_split(task, split, examples, seed=seed):
             scene = example.scene
             objects = [(i, o) for i, o in enumerate(scene.objects) if o.subject is None]
-            ids = tokenizer(example.instruction.text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+            ids = tokenizer(example.instruction.text, add_special_tokens=False, verbose=False).input_ids
             positions = _word_positions(tokenizer.convert_ids_to_tokens(ids), [o for _, o in objects])
             if scene.style is not None or len(objects) < 2 or not positions:
                 continue
@@ -336,11 +346,7 @@ def text_routing(pipe, task: str = "text_to_image", split: str = "test", example
                 captured.clear()
                 pipe.model(noisy, torch.tensor([timestep], device=pipe.device), text, None, None)
                 for name, (attn, hidden, context) in captured.items():
-                    query, key = attn.to_q(hidden), attn.to_k(context)
-                    heads, width = attn.heads, query.shape[-1] // attn.heads
-                    query = query.view(1, -1, heads, width).transpose(1, 2)
-                    key = key.view(1, -1, heads, width).transpose(1, 2)
-                    weights = (query @ key.transpose(-1, -2) * width ** -0.5).softmax(-1)[0].float()  # (H, N, L)
+                    weights = _attention_weights(attn, hidden, context)
                     side = int(round(weights.shape[1] ** 0.5))
                     cells = masks.reshape(len(masks), side, masks.shape[1] // side, side, -1).mean((2, 4)) > 0.5
                     own_pixels = {i: torch.from_numpy(cells[i].reshape(-1)) for i, _ in objects}
@@ -348,8 +354,7 @@ def text_routing(pipe, task: str = "text_to_image", split: str = "test", example
                         words = positions[kind]
                         for (a, obj_a), word_a in zip(objects, words):
                             for (b, obj_b), word_b in zip(objects, words):
-                                same = getattr(obj_a, kind if kind != "place" else "where") == \
-                                    getattr(obj_b, kind if kind != "place" else "where")
+                                same = getattr(obj_a, _ROUTED_FIELDS[kind]) == getattr(obj_b, _ROUTED_FIELDS[kind])
                                 if a == b or same or not own_pixels[a].any():
                                     continue
                                 at_a = weights[:, own_pixels[a]]
