@@ -200,3 +200,15 @@ def test_encoder_binding_tells_an_object_s_own_colour_from_the_other_s():
     blind = encoder_binding(pipe, captions=200)
     for index in ("first", "second"):
         assert blind[index]["own"] <= 2 * chance and blind[index]["other"] <= 2 * chance
+
+
+def test_diagnose_reports_the_encoder_s_binding_with_the_given_captions_and_seed(capsys):
+    import json
+
+    from instruct_bench.diagnostics import encoder_binding
+    from instruct_bench.evaluation import variant_pipe
+
+    assert main(["diagnose", "--variants", "full", "--examples", "0", "--captions", "40", "--seed", "3"]) == 0
+    report = json.loads(capsys.readouterr().out)["full"]
+    assert set(report) == {"words", "binding"}  # no images asked for: no drawing, no routing
+    assert report["binding"] == encoder_binding(variant_pipe("full"), captions=40, seed=3)
