@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--captions", type=int, default=400)
     diagnose.add_argument("--seed", type=int, default=0)
     diagnose.add_argument("--examples", type=int, default=48,
-                          help="test examples per task for the drawing report (0: the text encoder only)")
+                          help="test examples per task for the drawing report and the attention's routing "
+                               "(0: the text encoder only)")
 
     demo = commands.add_parser("demo", help="one image per benchmark task, beside its instruction, contexts and "
                                             "ground truth, and a contact sheet")
@@ -289,7 +290,7 @@ def run_diagnose(args) -> int:
         if args.examples:
             report[variant]["drawing"] = drawing_report(pipe, evaluator, settings)
         if args.examples and pipe is not None:
-            report[variant]["routing"] = {task: text_routing(pipe, task, examples=args.examples)
+            report[variant]["routing"] = {task: text_routing(pipe, task, examples=args.examples, seed=settings.seed)
                                           for task in ROUTING_TASKS}
     print(json.dumps(report, indent=1))
     return 0

@@ -111,9 +111,10 @@ def word_separation(pipe, captions: int = 400, seed: int = 0) -> dict[str, dict[
 def encoder_binding(pipe, captions: int = 400, seed: int = 0) -> dict[str, dict[str, float]]:
     """In captions of two plain objects of different colours: how well a linear probe (as in `word_separation`) on
     the encoder's state at each object's last place word names that object's colour ("own") and the other
-    object's ("other"), per object in caption order ("first", "second"; "chance" is one over the colours). A
-    causal encoder's first object can only carry its own colour; where the second object's state names the
-    other colour as well as its own, the encoder hands the UNet both colours there, not one bound to its object."""
+    object's ("other"), per object in caption order ("first", "second"), with the same probe on shuffled colours
+    beside them ("shuffled": what a probe reads from nothing). A causal encoder's first object comes before the
+    other colour is named; the second object's state can hold both, and if a probe names each of them there,
+    that state still tells which colour is whose (a state holding only the pair could give each probe half)."""
     rng = np.random.default_rng(seed)
     colours = list(scenes.COLOURS)
     texts, objects = [], []
@@ -123,23 +124,23 @@ def encoder_binding(pipe, captions: int = 400, seed: int = 0) -> dict[str, dict[
         if pair[0].colour != pair[1].colour:
             texts.append(scenes.caption(replace(scene, objects=pair, style=None)))
             objects.append(pair)
-    states, ids = _states(pipe, texts)
+    states, _ = _states(pipe, texts)
     tokenizer = pipe.base.tokenizers[0]
     features: list[list[np.ndarray]] = [[], []]
     labels: list[list[int]] = [[], []]
     for row, pair in enumerate(objects):
-        positions = _word_positions(tokenizer.convert_ids_to_tokens(ids[row].tolist()), pair)
-        if positions is None:  # a caption longer than the encoder's window
-            continue
+        positions = _word_positions(tokenizer, texts[row], pair)
+        if positions is None or max(positions["place"]) + 2 > tokenizer.model_max_length:
+            continue  # a caption longer than the encoder's window
         for index, obj in enumerate(pair):
-            features[index].append(states[row, positions["place"][index]])
+            features[index].append(states[row, 1 + positions["place"][index]])  # after the start token
             labels[index].append(colours.index(obj.colour))
     report = {}
     for index, name in enumerate(("first", "second")):
-        found = np.stack(features[index])
-        report[name] = {"own": _probe_accuracy(found, np.asarray(labels[index]), len(colours)),
-                        "other": _probe_accuracy(found, np.asarray(labels[1 - index]), len(colours))}
-    report["chance"] = {"own": 1.0 / len(colours), "other": 1.0 / len(colours)}
+        found, own, other = np.stack(features[index]), np.asarray(labels[index]), np.asarray(labels[1 - index])
+        report[name] = {"own": _probe_accuracy(found, own, len(colours)),
+                        "other": _probe_accuracy(found, other, len(colours)),
+                        "shuffled": _probe_accuracy(found, rng.permutation(own), len(colours))}
     return report
 
 
@@ -273,11 +274,20 @@ _ROUTED_FIELDS = {"colour": "colour", "shape": "shape", "place": "where"}  # the
 ROUTING_TASKS = ("text_to_image", "mask_to_image", "edge_to_image")
 
 
-def _word_positions(tokens: list[str], objects) -> dict[str, list[int]] | None:
-    """Token index of each object's colour, shape and last place word, in caption order; None if one is missing."""
+def _word_positions(tokenizer, text: str, objects) -> dict[str, list[int]] | None:
+    """Index, among `text`'s tokens (no start or end token), of each object's colour, shape and last place word,
+    searched within the object's own phrase (a template's or the background's colour words come before it);
+    None when a phrase or word is not found."""
     found: dict[str, list[int]] = {kind: [] for kind in ROUTED_WORDS}
-    start = 0
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
+    search_from = 0
     for obj in objects:
+        phrase_at = text.find(f"{scenes.object_phrase(obj)} {obj.where}", search_from)
+        if phrase_at < 0:
+            return None
+        search_from = phrase_at + 1
+        # CLIP's tokenizer splits at spaces first, so the text before a phrase tokenizes as it does in the whole
+        start = len(tokenizer(text[:phrase_at], add_special_tokens=False, verbose=False).input_ids)
         words = {"colour": obj.colour, "shape": obj.shape, "place": obj.where.split()[-1]}
         for kind in ROUTED_WORDS:
             try:
@@ -288,22 +298,41 @@ def _word_positions(tokens: list[str], objects) -> dict[str, list[int]] | None:
     return found
 
 
+def _encoded_positions(pipe, positions: dict[str, list[int]]) -> dict[str, list[int]] | None:
+    """Where the encoded text holds each token: InstructImagen.embed_text encodes a long text in windows of a
+    start token, `room` tokens and an end token, side by side, or truncates it to the first window (then None
+    if a word is cut off)."""
+    length = pipe.base.tokenizers[0].model_max_length
+    room = length - 2
+    if pipe.long_text != "chunk" and max(max(found) for found in positions.values()) >= room:
+        return None
+    return {kind: [i // room * length + 1 + i % room for i in found] for kind, found in positions.items()}
+
+
 def _attention_weights(attn, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """The attention probabilities (heads, pixels, tokens) of the first row of a diffusers cross-attention."""
-    query, key = attn.to_q(hidden[:1]), attn.to_k(context[:1])
+    """The attention probabilities (heads, pixels, tokens) of the first row of a diffusers cross-attention, in
+    float32 on the CPU, as its processor computes them (default scale, no normalisation before the projections)."""
+    if any(getattr(attn, name, None) is not None for name in ("spatial_norm", "group_norm", "norm_cross",
+                                                              "norm_q", "norm_k")):
+        raise ValueError("text_routing: a cross-attention that normalises its inputs is not read here")
+    query, key = attn.to_q(hidden[:1]).float(), attn.to_k(context[:1]).float()
     heads, width = attn.heads, query.shape[-1] // attn.heads
     query = query.view(1, -1, heads, width).transpose(1, 2)
     key = key.view(1, -1, heads, width).transpose(1, 2)
-    return (query @ key.transpose(-1, -2) * width ** -0.5).softmax(-1)[0].float()
+    return (query @ key.transpose(-1, -2) * width ** -0.5).softmax(-1)[0].cpu()
 
 
 @torch.no_grad()
 def text_routing(pipe, task: str = "text_to_image", split: str = "test", examples: int = 48,
-                 seed: int = 1234) -> dict[str, dict[str, float]]:
+                 seed: int = 1234) -> dict[str, dict]:
     """Per kind of word (colour, shape, place), over the base's text cross-attention layers, the noisy targets of
-    ROUTING_TIMESTEPS and every ordered pair of plain objects (a, b) that differ in that word: `share`, the mean
-    of attention(a's word at a's pixels) / (that + attention(b's word at a's pixels)), heads averaged; and
-    `best_head`, the highest such share of any one head of any layer. "pairs" counts the object pairs."""
+    ROUTING_TIMESTEPS (with the example's contexts) and every ordered pair of non-subject objects (a, b) that
+    differ in that word, where a covers pixels at the layer's resolution: `share`, the mean over layers of the
+    mean of attention(a's word at a's pixels) / (that + attention(b's word at a's pixels)), heads averaged;
+    `by_layer`, that mean per layer; `mass_share`, one ratio of the sums instead; `best_head`, the share of the
+    head (of any layer) that scores highest on the even-numbered examples, measured on the odd-numbered ones (the
+    highest of many heads, read on the examples that chose it, would be biased up; NaN below two examples).
+    "pairs" counts the ordered object pairs."""
     from diffusers.models.attention_processor import Attention
 
     from .tasks import make_split
@@ -319,24 +348,27 @@ def text_routing(pipe, task: str = "text_to_image", split: str = "test", example
     handles = [module.register_forward_pre_hook(keep(name), with_kwargs=True)
                for name, module in pipe.base.unet.named_modules()
                if isinstance(module, Attention) and name.endswith("attn2")]
-    shares = {kind: {} for kind in ROUTED_WORDS}  # kind -> layer -> list of per-head shares
+    # kind -> layer -> per pair and timestep: (the example's number, the attention per head to a's own word and to
+    # b's, at a's pixels)
+    own_and_other: dict[str, dict[str, list[tuple]]] = {kind: {} for kind in ROUTED_WORDS}
+    measured = 0
     pairs = dict.fromkeys(ROUTED_WORDS, 0)
     alphas = pipe.schedule.alphas_cumprod.float()
     try:
         for example in make_split(task, split, examples, seed=seed):
             scene = example.scene
             objects = [(i, o) for i, o in enumerate(scene.objects) if o.subject is None]
-            ids = tokenizer(example.instruction.text, add_special_tokens=False, verbose=False).input_ids
-            positions = _word_positions(tokenizer.convert_ids_to_tokens(ids), [o for _, o in objects])
-            if scene.style is not None or len(objects) < 2 or not positions:
+            text = example.instruction.text
+            found = _word_positions(tokenizer, text, [o for _, o in objects]) if len(objects) > 1 else None
+            positions = _encoded_positions(pipe, found) if found else None
+            if scene.style is not None or positions is None:
                 continue
-            # where the encoded text holds token i: a long text is encoded in windows of start token, `room`
-            # tokens and end token, side by side (InstructImagen.embed_text)
-            room = tokenizer.model_max_length - 2
-            positions = {kind: [i // room * tokenizer.model_max_length + 1 + i % room for i in found]
-                         for kind, found in positions.items()}
+            measured += 1
+            for kind in ROUTED_WORDS:
+                field = _ROUTED_FIELDS[kind]
+                pairs[kind] += sum(getattr(a, field) != getattr(b, field) for _, a in objects for _, b in objects)
             masks = scenes.layout(scene, pipe.native_size).object_masks
-            text, _ = pipe.encode_text([example.instruction.text])
+            cond = pipe.encode_instruction(example.instruction)
             image = torch.from_numpy(pixels_of(example.target, pipe.native_size) / 255).permute(2, 0, 1)[None]
             clean = pipe.to_model_space(image).float().cpu()
             noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
@@ -344,30 +376,45 @@ def text_routing(pipe, task: str = "text_to_image", split: str = "test", example
                 alpha = alphas[timestep]
                 noisy = (alpha.sqrt() * clean + (1 - alpha).sqrt() * noise).to(pipe.device, pipe.dtype)
                 captured.clear()
-                pipe.model(noisy, torch.tensor([timestep], device=pipe.device), text, None, None)
+                pipe.model(noisy, torch.tensor([timestep], device=pipe.device), cond.text, cond.context_state,
+                           None)
                 for name, (attn, hidden, context) in captured.items():
                     weights = _attention_weights(attn, hidden, context)
                     side = int(round(weights.shape[1] ** 0.5))
                     cells = masks.reshape(len(masks), side, masks.shape[1] // side, side, -1).mean((2, 4)) > 0.5
-                    own_pixels = {i: torch.from_numpy(cells[i].reshape(-1)) for i, _ in objects}
                     for kind in ROUTED_WORDS:
-                        words = positions[kind]
+                        field, words = _ROUTED_FIELDS[kind], positions[kind]
                         for (a, obj_a), word_a in zip(objects, words):
-                            for (b, obj_b), word_b in zip(objects, words):
-                                same = getattr(obj_a, _ROUTED_FIELDS[kind]) == getattr(obj_b, _ROUTED_FIELDS[kind])
-                                if a == b or same or not own_pixels[a].any():
-                                    continue
-                                at_a = weights[:, own_pixels[a]]
-                                own, other = at_a[..., word_a].mean(-1), at_a[..., word_b].mean(-1)
-                                shares[kind].setdefault(name, []).append((own / (own + other)).numpy())
-                                pairs[kind] += 1
+                            at_a = weights[:, torch.from_numpy(cells[a].reshape(-1))]
+                            if not at_a.shape[1]:  # the object covers no pixel at this layer's resolution
+                                continue
+                            for (_, obj_b), word_b in zip(objects, words):
+                                if getattr(obj_a, field) != getattr(obj_b, field):
+                                    own_and_other[kind].setdefault(name, []).append(
+                                        (measured, at_a[..., word_a].mean(-1).numpy(),
+                                         at_a[..., word_b].mean(-1).numpy()))
     finally:
         for handle in handles:
             handle.remove()
-    report = {}
-    for kind, layers in shares.items():
-        per_layer = [np.stack(values) for values in layers.values()]
-        report[kind] = {"share": float(np.mean([v.mean() for v in per_layer])) if per_layer else float("nan"),
-                        "best_head": float(max(v.mean(0).max() for v in per_layer)) if per_layer else float("nan"),
-                        "pairs": pairs[kind] // max(1, len(ROUTING_TIMESTEPS) * len(layers))}
-    return report
+    return {kind: _routing_summary(layers, pairs[kind]) for kind, layers in own_and_other.items()}
+
+
+def _routing_summary(layers: dict[str, list[tuple]], pairs: int) -> dict:
+    """`text_routing`'s figures for one kind of word from its per-layer (example, own, other) attention."""
+    if not layers:
+        return {"share": float("nan"), "mass_share": float("nan"), "best_head": float("nan"), "by_layer": {},
+                "pairs": pairs}
+    by_layer, best = {}, (-1.0, float("nan"))  # best: (share on the even examples, share on the odd ones)
+    own_sum = other_sum = 0.0
+    for name, values in layers.items():
+        even = np.array([number % 2 == 0 for number, _, _ in values])
+        own = np.stack([v[1] for v in values])  # (pairs x timesteps, heads)
+        other = np.stack([v[2] for v in values])
+        share = own / (own + other)
+        by_layer[name] = float(share.mean())
+        own_sum, other_sum = own_sum + float(own.sum()), other_sum + float(other.sum())
+        if even.any() and not even.all():
+            head = int(share[even].mean(0).argmax())
+            best = max(best, (float(share[even, head].mean()), float(share[~even, head].mean())))
+    return {"share": float(np.mean(list(by_layer.values()))), "mass_share": own_sum / (own_sum + other_sum),
+            "best_head": best[1], "by_layer": by_layer, "pairs": pairs}
