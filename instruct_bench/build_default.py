@@ -138,6 +138,14 @@ def build_default_base(seed: int = 0, architecture: dict = ARCHITECTURE):
     return models.build_default_base(architecture, seed)
 
 
+def with_fresh_adapter(base):
+    """`base` with the default model's context layers, untrained."""
+    from instruct_core.context_unet import ContextAdapterConfig, ContextAugmentedUNet
+    from instruct_core.pipeline import InstructImagen
+
+    return InstructImagen(base, ContextAugmentedUNet(base.unet, ContextAdapterConfig(**ADAPTER)))
+
+
 def _fp16_weights(modules) -> dict:
     """State dicts of (prefix, module) pairs in one flat dict, floating tensors as fp16, base LoRA left out."""
     return {prefix + name: value.detach().cpu().to(torch.float16 if value.is_floating_point() else value.dtype)
@@ -304,8 +312,6 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
     `progress(phase, steps)` gives each phase's progress display."""
     from .tasks import BenchmarkTaskDataset, stage1_items
     from instruct_core.train.checkpointing import list_checkpoints
-    from instruct_core.context_unet import ContextAdapterConfig, ContextAugmentedUNet
-    from instruct_core.pipeline import InstructImagen
     from instruct_core.train.retrieval import ModelEmbedder, RetrievalExamples, build_index, form_clusters
     from instruct_core.train.trainer import Trainer
 
@@ -315,9 +321,6 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
     if missing:
         raise ValueError(f"recipe: no settings for phase {missing[0]!r}")
     pretrained_base = pretrained_base_file(folder)
-    def with_fresh_adapter(base):
-        return InstructImagen(base, ContextAugmentedUNet(base.unet, ContextAdapterConfig(**ADAPTER)))
-
     if "pretrain" in phases:
         pipe = with_fresh_adapter(build_default_base(seed))
         measured: dict = {"recipe": recipe, "phases": {}}

@@ -380,23 +380,34 @@ def text_routing(pipe, task: str = "text_to_image", split: str = "test", example
                            None)
                 for name, (attn, hidden, context) in captured.items():
                     weights = _attention_weights(attn, hidden, context)
-                    side = int(round(weights.shape[1] ** 0.5))
-                    cells = masks.reshape(len(masks), side, masks.shape[1] // side, side, -1).mean((2, 4)) > 0.5
-                    for kind in ROUTED_WORDS:
-                        field, words = _ROUTED_FIELDS[kind], positions[kind]
-                        for (a, obj_a), word_a in zip(objects, words):
-                            at_a = weights[:, torch.from_numpy(cells[a].reshape(-1))]
-                            if not at_a.shape[1]:  # the object covers no pixel at this layer's resolution
-                                continue
-                            for (_, obj_b), word_b in zip(objects, words):
-                                if getattr(obj_a, field) != getattr(obj_b, field):
-                                    own_and_other[kind].setdefault(name, []).append(
-                                        (measured, at_a[..., word_a].mean(-1).numpy(),
-                                         at_a[..., word_b].mean(-1).numpy()))
+                    for kind, found in _pair_attention(weights, masks, objects, positions).items():
+                        if found:
+                            own_and_other[kind].setdefault(name, []).extend(
+                                (measured, own, other) for own, other in found)
     finally:
         for handle in handles:
             handle.remove()
     return {kind: _routing_summary(layers, pairs[kind]) for kind, layers in own_and_other.items()}
+
+
+def _pair_attention(weights: torch.Tensor, masks: np.ndarray, objects, positions: dict[str, list[int]]
+                    ) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """Per kind of word, from one layer's attention (heads, pixels, tokens): for every ordered pair of `objects`
+    (index, object) that differ in that word, where a covers pixels at the layer's resolution, the attention per
+    head to a's own word and to b's, at a's pixels."""
+    side = int(round(weights.shape[1] ** 0.5))
+    cells = masks.reshape(len(masks), side, masks.shape[1] // side, side, -1).mean((2, 4)) > 0.5
+    found: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {kind: [] for kind in ROUTED_WORDS}
+    for kind in ROUTED_WORDS:
+        field, words = _ROUTED_FIELDS[kind], positions[kind]
+        for (a, obj_a), word_a in zip(objects, words):
+            at_a = weights[:, torch.from_numpy(cells[a].reshape(-1))]
+            if not at_a.shape[1]:  # the object covers no pixel at this layer's resolution
+                continue
+            found[kind] += [(at_a[..., word_a].mean(-1).numpy(), at_a[..., word_b].mean(-1).numpy())
+                            for (_, obj_b), word_b in zip(objects, words)
+                            if getattr(obj_a, field) != getattr(obj_b, field)]
+    return found
 
 
 def _routing_summary(layers: dict[str, list[tuple]], pairs: int) -> dict:

@@ -104,12 +104,9 @@ def test_diagnose_refuses_the_true_images_without_examples(capsys):
 
 
 def _fresh_default_pipe():
-    from instruct_bench.build_default import ADAPTER, build_default_base
-    from instruct_core.context_unet import ContextAdapterConfig, ContextAugmentedUNet
-    from instruct_core.pipeline import InstructImagen
+    from instruct_bench.build_default import build_default_base, with_fresh_adapter
 
-    base = build_default_base(seed=0)
-    return InstructImagen(base, ContextAugmentedUNet(base.unet, ContextAdapterConfig(**ADAPTER)))
+    return with_fresh_adapter(build_default_base(seed=0))
 
 
 def _route_by_colour(pipe, examples, swap: bool = False) -> None:
