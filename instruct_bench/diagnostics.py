@@ -129,11 +129,11 @@ def encoder_binding(pipe, captions: int = 400, seed: int = 0) -> dict[str, dict[
     features: list[list[np.ndarray]] = [[], []]
     labels: list[list[int]] = [[], []]
     for row, pair in enumerate(objects):
-        positions = _word_positions(tokenizer, texts[row], pair)
-        if positions is None or max(positions["place"]) + 2 > tokenizer.model_max_length:
+        positions = _word_positions(pipe, texts[row], pair)
+        if positions is None or max(positions["place"]) + 1 >= tokenizer.model_max_length:
             continue  # a caption longer than the encoder's window
         for index, obj in enumerate(pair):
-            features[index].append(states[row, 1 + positions["place"][index]])  # after the start token
+            features[index].append(states[row, positions["place"][index]])
             labels[index].append(colours.index(obj.colour))
     report = {}
     for index, name in enumerate(("first", "second")):
@@ -274,39 +274,38 @@ _ROUTED_FIELDS = {"colour": "colour", "shape": "shape", "place": "where"}  # the
 ROUTING_TASKS = ("text_to_image", "mask_to_image", "edge_to_image")
 
 
-def _word_positions(tokenizer, text: str, objects) -> dict[str, list[int]] | None:
-    """Index, among `text`'s tokens (no start or end token), of each object's colour, shape and last place word,
-    searched within the object's own phrase (a template's or the background's colour words come before it);
-    None when a phrase or word is not found."""
+def _word_positions(pipe, text: str, objects) -> dict[str, list[int]] | None:
+    """Where the encoded `text` (`InstructImagen.token_positions`) holds each object's colour, shape and last place
+    word (a word's last token: a causal encoder's state there has read all of it), each searched within the
+    object's own phrase (a template's or the background's colour words come before it); None when a phrase or
+    word is not found or the encoder's window cuts it off."""
     found: dict[str, list[int]] = {kind: [] for kind in ROUTED_WORDS}
-    tokens = tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
     search_from = 0
     for obj in objects:
-        phrase_at = text.find(f"{scenes.object_phrase(obj)} {obj.where}", search_from)
+        phrase = f"{scenes.object_phrase(obj)} {obj.where}"
+        phrase_at = text.find(phrase, search_from)
         if phrase_at < 0:
             return None
         search_from = phrase_at + 1
-        # CLIP's tokenizer splits at spaces first, so the text before a phrase tokenizes as it does in the whole
-        start = len(tokenizer(text[:phrase_at], add_special_tokens=False, verbose=False).input_ids)
         words = {"colour": obj.colour, "shape": obj.shape, "place": obj.where.split()[-1]}
+        word_from = phrase_at
         for kind in ROUTED_WORDS:
-            try:
-                start = tokens.index(words[kind] + "</w>", start) + 1
-            except ValueError:
+            at = _whole_word(text, words[kind], word_from, phrase_at + len(phrase))
+            positions = pipe.token_positions(text, at, at + len(words[kind])) if at >= 0 else []
+            if not positions:
                 return None
-            found[kind].append(start - 1)
+            found[kind].append(positions[-1])
+            word_from = at + len(words[kind])
     return found
 
 
-def _encoded_positions(pipe, positions: dict[str, list[int]]) -> dict[str, list[int]] | None:
-    """Where the encoded text holds each token: InstructImagen.embed_text encodes a long text in windows of a
-    start token, `room` tokens and an end token, side by side, or truncates it to the first window (then None
-    if a word is cut off)."""
-    length = pipe.base.tokenizers[0].model_max_length
-    room = length - 2
-    if pipe.long_text != "chunk" and max(max(found) for found in positions.values()) >= room:
-        return None
-    return {kind: [i // room * length + 1 + i % room for i in found] for kind, found in positions.items()}
+def _whole_word(text: str, word: str, start: int, end: int) -> int:
+    """Index of the first `word` in text[start:end] that stands as a whole word, else -1."""
+    at = text.find(word, start, end)
+    while at >= 0 and ((at > 0 and text[at - 1].isalnum())
+                       or (at + len(word) < len(text) and text[at + len(word)].isalnum())):
+        at = text.find(word, at + 1, end)
+    return at
 
 
 def _attention_weights(attn, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -337,7 +336,6 @@ def text_routing(pipe, task: str = "text_to_image", split: str = "test", example
 
     from .tasks import make_split
 
-    tokenizer = pipe.base.tokenizers[0]
     captured: dict[str, tuple] = {}
 
     def keep(name):
@@ -359,8 +357,7 @@ def text_routing(pipe, task: str = "text_to_image", split: str = "test", example
             scene = example.scene
             objects = [(i, o) for i, o in enumerate(scene.objects) if o.subject is None]
             text = example.instruction.text
-            found = _word_positions(tokenizer, text, [o for _, o in objects]) if len(objects) > 1 else None
-            positions = _encoded_positions(pipe, found) if found else None
+            positions = _word_positions(pipe, text, [o for _, o in objects]) if len(objects) > 1 else None
             if scene.style is not None or positions is None:
                 continue
             measured += 1

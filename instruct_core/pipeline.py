@@ -249,6 +249,20 @@ class InstructImagen:
                 pooled = output.text_embeds[firsts]
         return torch.cat(embeddings, dim=-1).to(self.dtype), None if pooled is None else pooled.to(self.dtype)
 
+    def token_positions(self, text: str, start: int, end: int) -> list[int]:
+        """Where `embed_text([text])` holds the tokens of `text[start:end]`, a span of whole words: their indices
+        along the encoded sequence, which frames each window with a start and an end token. Tokens that
+        `long_text="truncate"` cuts off are left out, so a span beyond the first window gives []."""
+        if not 0 <= start < end <= len(text):
+            raise ValueError(f"span: expected 0 <= start < end <= {len(text)}, got {start}, {end}")
+        tokenizer = self.base.tokenizers[0]
+        # CLIP-style tokenizers split at spaces first: the text before a word tokenizes as it does in the whole
+        before, through = (len(tokens) for tokens in _text_tokens(tokenizer, [text[:start], text[:end]]))
+        room = tokenizer.model_max_length - 2
+        if self.long_text != "chunk":
+            through = min(through, room)
+        return [i // room * tokenizer.model_max_length + 1 + i % room for i in range(before, through)]
+
     def added_cond(self, pooled, height: int, width: int) -> dict | None:
         """SDXL's added conditioning (pooled text + size time ids) for `height` x `width`; None for other bases."""
         if pooled is None or self.base.unet.config.addition_embed_type != "text_time":

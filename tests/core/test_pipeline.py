@@ -260,6 +260,27 @@ def test_a_text_longer_than_the_encoder_window_is_read_in_windows_not_cut(pixel_
     assert torch.equal(cut[0], chunked[0, :window])  # the first window is the truncated text
 
 
+def test_token_positions_name_where_the_encoded_text_holds_a_word_in_any_window(pixel_pipe):
+    # a causal encoder: changing one word changes the encoded sequence first where that word's tokens are
+    text = f"{LONG_TAIL} and a large blue square at the bottom"
+    start = text.rindex("blue")
+    other = text[:start] + "pink" + text[start + 4:]
+    encoded, _ = pixel_pipe.encode_text([text, other])
+    changed = (encoded[0] - encoded[1]).abs().amax(-1) > 0
+    positions = pixel_pipe.token_positions(text, start, start + 4)
+    window = pixel_pipe.base.tokenizers[0].model_max_length
+    assert positions and positions[0] >= window  # the word is in the second window
+    assert int(changed.nonzero()[0]) == positions[0]
+    assert pixel_pipe.token_positions(text, 0, 1) == [1]  # after the start token
+    pixel_pipe.long_text = "truncate"
+    try:
+        assert pixel_pipe.token_positions(text, start, start + 4) == []
+    finally:
+        pixel_pipe.long_text = "chunk"
+    with pytest.raises(ValueError, match="span: expected 0 <= start < end"):
+        pixel_pipe.token_positions(text, 5, 5)
+
+
 def test_a_short_text_encodes_and_samples_the_same_beside_a_long_one(pixel_pipe):
     from instruct_core.guidance import Conditioning
 
