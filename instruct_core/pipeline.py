@@ -253,8 +253,9 @@ class InstructImagen:
         """Where `embed_text([text])` holds the tokens of `text[start:end]`, a span of whole words: their indices
         along the encoded sequence, which frames each window with a start and an end token. Tokens that
         `long_text="truncate"` cuts off are left out, so a span beyond the first window gives []."""
+        check_text(text, "text")
         if not 0 <= start < end <= len(text):
-            raise ValueError(f"span: expected 0 <= start < end <= {len(text)}, got {start}, {end}")
+            raise InstructionError(f"span: expected 0 <= start < end <= {len(text)}, got {start}, {end}")
         tokenizer = self.base.tokenizers[0]
         # CLIP-style tokenizers split at spaces first: the text before a word tokenizes as it does in the whole
         before, through = (len(tokens) for tokens in _text_tokens(tokenizer, [text[:start], text[:end]]))

@@ -277,7 +277,7 @@ def test_token_positions_name_where_the_encoded_text_holds_a_word_in_any_window(
         assert pixel_pipe.token_positions(text, start, start + 4) == []
     finally:
         pixel_pipe.long_text = "chunk"
-    with pytest.raises(ValueError, match="span: expected 0 <= start < end"):
+    with pytest.raises(InstructionError, match="span: expected 0 <= start < end"):
         pixel_pipe.token_positions(text, 5, 5)
 
 
