@@ -356,9 +356,10 @@ def text_routing(pipe, task: str = "text_to_image", split: str = "test", example
         for example in make_split(task, split, examples, seed=seed):
             scene = example.scene
             objects = [(i, o) for i, o in enumerate(scene.objects) if o.subject is None]
-            text = example.instruction.text
-            positions = _word_positions(pipe, text, [o for _, o in objects]) if len(objects) > 1 else None
-            if scene.style is not None or positions is None:
+            if scene.style is not None or len(objects) < 2:
+                continue
+            positions = _word_positions(pipe, example.instruction.text, [o for _, o in objects])
+            if positions is None:
                 continue
             measured += 1
             for kind in ROUTED_WORDS:
