@@ -19,6 +19,7 @@ from instruct_core.progress import Progress
 # `build-default --scale` multiplies every phase's steps; the bundled recipe at 100 times is weeks on a CPU
 MAX_BUILD_SCALE = 100.0
 SUPER_RESOLUTION_TASKS = ("edge_to_image", "mask_to_image", "depth_to_image", "text_to_image")
+GIVEN_ROUTING_TASKS = ("text_to_image", "mask_to_image", "edge_to_image", "depth_to_image")
 # `speed` sizes: well beyond what a benchmark needs; a larger request is a typo, not a measurement
 MAX_SPEED_BATCH = 256
 MAX_SPEED_CONTEXTS = 64
@@ -87,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--examples", type=int, default=48,
                           help="test examples per task for the drawing report and the attention's routing "
                                "(0: the text encoder only)")
+
+    routing = commands.add_parser("given-routing", help="what the bundled model draws when its text cross-attention "
+                                                        "is given the routing (each object's pixels read only their "
+                                                        "own object's words), before and after fine-tuning with it; "
+                                                        "prints JSON")
+    routing.add_argument("--steps", type=int, default=600, help="fine-tuning steps with the routing given (0: none)")
+    routing.add_argument("--train-text-encoder", action="store_true", help="fine-tune the text encoder too")
+    routing.add_argument("--train-unrouted", action="store_true",
+                         help="fine-tune without the routing (the same recipe: what the routing adds to it)")
+    routing.add_argument("--open", action="store_true",
+                         help="leave the words outside the objects' phrases open to every pixel (default: an "
+                              "object's pixels read only their own phrase and the start token)")
+    routing.add_argument("--tasks", default=",".join(GIVEN_ROUTING_TASKS), help="comma-separated task names")
+    routing.add_argument("--examples", type=int, default=48, help="test examples per task")
+    routing.add_argument("--work-dir", default="runs/given_routing", help="checkpoints (a rerun resumes them)")
 
     demo = commands.add_parser("demo", help="one image per benchmark task, beside its instruction, contexts and "
                                             "ground truth, and a contact sheet")
@@ -296,6 +312,32 @@ def run_diagnose(args) -> int:
     return 0
 
 
+def run_given_routing(args) -> int:
+    import json
+
+    from .evaluation import EvalSettings, load_evaluator, variant_pipe
+    from .given_routing import GivenRouting, measure, train
+
+    check_at_least("--steps", args.steps, 0)
+    check_at_most("--steps", args.steps, 1_000_000)
+    check_at_least("--examples", args.examples, 1)
+    check_at_most("--examples", args.examples, 10_000)
+    tasks = benchmark_tasks(args.tasks)
+    evaluator = load_evaluator()
+    settings = EvalSettings(examples_per_task=args.examples)
+    pipe = variant_pipe("full")
+    routing = GivenRouting(strict=not args.open)
+    report = {"routed": measure(pipe, tasks, settings, evaluator, routing)}
+    if args.steps:
+        with Progress(args.steps, "fine-tuning with the routing given") as bar:
+            train(pipe, None if args.train_unrouted else routing, args.steps, Path(args.work_dir),
+                  args.train_text_encoder, progress=bar.trainer_callback)
+        report = {"before": report, "after": {"routed": measure(pipe, tasks, settings, evaluator, routing),
+                                              "unrouted": measure(pipe, tasks, settings, evaluator, None)}}
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def int_list(flag: str, text: str, minimum: int, maximum: int) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(",")[:64] if part.strip())
@@ -439,7 +481,8 @@ def run_demo_examples(args) -> int:
 
 
 COMMANDS = {"build-default": run_build_default, "eval": run_eval, "demo": run_demo, "demo-examples": run_demo_examples,
-            "speed": run_speed, "super-resolution": run_super_resolution, "diagnose": run_diagnose}
+            "speed": run_speed, "super-resolution": run_super_resolution, "diagnose": run_diagnose,
+            "given-routing": run_given_routing}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,7 +109,24 @@ def generate_for(pipe, examples, settings: EvalSettings) -> list:
     return images
 
 
-def depth_swap_scores(pipe, examples, images, settings: EvalSettings) -> list[float | None]:
+def score_task(pipe, task: str, examples, settings: EvalSettings, evaluator, generate=generate_for) -> dict:
+    """{metric: [mean, low, high]} of `pipe` on the examples of one task; `generate(pipe, examples, settings)`
+    gives their images (`generate_for` unless a diagnosis samples another way)."""
+    from .metrics import score_batch
+
+    images = generate(pipe, examples, settings)
+    scores = score_batch(examples, images, evaluator)
+    if task in DEPTH_SWAP_TASKS:
+        for score, value in zip(scores, depth_swap_scores(pipe, examples, images, settings, generate)):
+            score["depth_swap"] = value
+    summary = {}
+    for metric in sorted({k for s in scores for k, v in s.items() if isinstance(v, float)}):
+        values = [s[metric] for s in scores if isinstance(s.get(metric), float)]
+        summary[metric] = [round(x, 4) for x in bootstrap_interval(values, seed=settings.seed)]
+    return summary
+
+
+def depth_swap_scores(pipe, examples, images, settings: EvalSettings, generate=generate_for) -> list[float | None]:
     """`metrics.depth_swap` per example: its image against the one generated for it with its overlapping objects'
     depths exchanged. Both are sampled in the same batches with the same seeds, so only the depth map differs;
     an example without overlapping objects is generated unchanged and scores None."""
@@ -117,7 +134,7 @@ def depth_swap_scores(pipe, examples, images, settings: EvalSettings) -> list[fl
     from .tasks import swap_depths
 
     swapped = [swap_depths(e) if has_overlapping_objects(e) else e for e in examples]
-    swapped_images = generate_for(pipe, swapped, settings)
+    swapped_images = generate(pipe, swapped, settings)
     return [depth_swap(image, e.scene, other, s.scene) if s is not e else None
             for e, image, s, other in zip(examples, images, swapped, swapped_images)]
 
@@ -145,7 +162,6 @@ def evaluate(variants: list[str], tasks: list[str], settings: EvalSettings, log=
     the number of (variant, task) scores just finished."""
     if jobs > 1 and len(variants) > 1:
         return _evaluate_in_processes(variants, tasks, settings, jobs, cache, reused, progress)
-    from .metrics import score_batch
     from .tasks import make_split
 
     evaluator = load_evaluator()
@@ -161,16 +177,7 @@ def evaluate(variants: list[str], tasks: list[str], settings: EvalSettings, log=
             key = score_key(weights, scorer, task, settings) if cache is not None else None
             summary = _cached(cache, variant, task, key)
             if summary is None:
-                examples = splits[task]
-                images = generate_for(pipe, examples, settings)
-                scores = score_batch(examples, images, evaluator)
-                if task in DEPTH_SWAP_TASKS:
-                    for score, value in zip(scores, depth_swap_scores(pipe, examples, images, settings)):
-                        score["depth_swap"] = value
-                summary = {}
-                for metric in sorted({k for s in scores for k, v in s.items() if isinstance(v, float)}):
-                    values = [s[metric] for s in scores if isinstance(s.get(metric), float)]
-                    summary[metric] = [round(x, 4) for x in bootstrap_interval(values, seed=settings.seed)]
+                summary = score_task(pipe, task, splits[task], settings, evaluator)
                 if cache is not None:
                     _keep(cache, variant, task, key, summary)
                 took = f"{time.perf_counter() - started:.1f}s"

@@ -83,7 +83,9 @@ class BenchExample:
     meta: dict = field(default_factory=dict)
 
     def training_example(self) -> TrainingExample:
-        return TrainingExample(instruction=self.instruction, target=self.target, task=self.task)
+        """The example for the trainer; its scene goes along (`annotations["scene"]`) for losses that read it."""
+        return TrainingExample(instruction=self.instruction, target=self.target, task=self.task,
+                               annotations={"scene": self.scene})
 
 
 @dataclass(frozen=True)

@@ -139,12 +139,15 @@ class TrainingExample:
 
     Condition dropout (`retrieval.apply_condition_dropout`) builds examples whose instruction text is
     empty, which `MultiModalInstruction.validate` would refuse: training examples are therefore not
-    validated, and an empty text means "unconditional".
+    validated, and an empty text means "unconditional". `annotations` is what a `Trainer` subclass's own loss
+    reads beside the images (object masks for a loss on the attention, say); the trainer carries it through
+    untouched.
     """
 
     instruction: MultiModalInstruction
     target: Image.Image
     task: str
+    annotations: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -155,6 +155,7 @@ class ExampleTensors:
     weights: list[float]
     masks: list[torch.Tensor | None]
     task: str
+    annotations: dict = field(default_factory=dict)  # the example's own, as it came
 
 
 def example_to_tensors(example: TrainingExample, resolution: int, policy: str = "crop") -> ExampleTensors:
@@ -169,6 +170,7 @@ def example_to_tensors(example: TrainingExample, resolution: int, policy: str = 
         weights=[float(c.weight) for c in contexts],
         masks=[None if c.mask is None else pil_to_tensor(prepare_mask(c.mask, size, policy))[0] for c in contexts],
         task=example.task,
+        annotations=example.annotations,
     )
 
 

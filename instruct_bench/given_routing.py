@@ -1,0 +1,225 @@
+"""What the bundled model draws when its text cross-attention is given the routing it does not learn.
+
+A diagnosis of what limits the named colours (docs/RESULTS.md), not a way to sample: it needs each scene's
+object masks. Each object's pixels may attend only to their own object's phrase ("a large orange diamond on the
+left") among the objects' phrases, and the background to none of them. `strict` also closes every other token
+(the words between the phrases, the end and padding tokens, which a causal encoder fills with every phrase
+before them) to an object's pixels, leaving them their own phrase and the start token.
+
+The routing is an additive bias on the base UNet's text cross-attention, put in through the diffusers attention
+processors the adapter wraps; the rows it applies to are recognised by their encoded text, so guidance's
+unconditional rows and the context encoder's marker texts pass unchanged. `train` fine-tunes a model with the
+routing given (the trainer's examples carry their scenes), and `measure` scores it on the benchmark with the
+routing given or not: `python -m instruct_bench given-routing`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import scenes
+
+# An object's own pixels at an attention layer's resolution: cells it covers by more than this share, and always
+# the cell it covers most, so a small object keeps a cell on the coarsest grid.
+COVER = 0.3
+
+# The fine-tuning mix: every task that names colours, with a share of the others so they are not forgotten
+ROUTING_MIX = {"text_to_image": 0.20, "mask_to_image": 0.12, "edge_to_image": 0.10, "sketch_to_image": 0.08,
+               "depth_to_image": 0.15, "subject": 0.10, "styled_generation": 0.09, "style_transfer": 0.08,
+               "inpainting": 0.08}
+
+
+def phrase_tokens(pipe, text: str, objects) -> list[list[int]] | None:
+    """Where the encoded `text` holds each object's phrase (`InstructImagen.token_positions`); None when one is
+    not found or the encoder's window cuts it off."""
+    found, search_from = [], 0
+    for obj in objects:
+        phrase = f"{scenes.object_phrase(obj)} {obj.where}"
+        at = text.find(phrase, search_from)
+        positions = pipe.token_positions(text, at, at + len(phrase)) if at >= 0 else []
+        if not positions:
+            return None
+        found.append(positions)
+        search_from = at + len(phrase)
+    return found
+
+
+@dataclass
+class _Row:
+    text: torch.Tensor          # (tokens, channels) float32: the encoded text it is recognised by
+    phrases: list[list[int]]    # token indices of each object's phrase
+    masks: torch.Tensor         # (objects, size, size) float32
+
+
+class GivenRouting:
+    """The routing of the examples in hand. `set_examples` replaces them; `matched` counts the rows of
+    cross-attention calls the routing was applied to (to tell it reached the model)."""
+
+    def __init__(self, strict: bool = True):
+        self.strict = strict
+        self.rows: list[_Row] = []
+        self.matched = 0
+
+    def set_examples(self, pipe, texts: list[str], scenes_: list, size: int) -> int:
+        """Route the rows that encode each of `texts` by its scene (None: not routed); returns how many are."""
+        self.rows = []
+        for text, scene in zip(texts, scenes_):
+            plain = [index for index, obj in enumerate(scene.objects) if obj.subject is None] if scene else []
+            phrases = phrase_tokens(pipe, text, [scene.objects[i] for i in plain]) if text and plain else None
+            if phrases is None:
+                continue
+            with torch.no_grad():
+                encoded = pipe.encode_text([text])[0][0].float().cpu()
+            masks = torch.from_numpy(scenes.layout(scene, size).object_masks[plain].astype(np.float32))
+            self.rows.append(_Row(encoded, phrases, masks))
+        return len(self.rows)
+
+    def bias(self, context: torch.Tensor, pixels: int) -> torch.Tensor | None:
+        """(rows, 1, pixels, tokens) additive attention bias for a cross-attention call over `context`; None
+        when none of its rows is one of ours."""
+        rows, tokens = context.shape[:2]
+        side = int(round(pixels ** 0.5))
+        bias, found = torch.zeros(rows, 1, pixels, tokens), False
+        text = context.detach().float().cpu()
+        for index in range(rows):
+            row = next((r for r in self.rows if tokens % len(r.text) == 0
+                        and torch.equal(text[index, :len(r.text)], r.text)), None)
+            if row is None:
+                continue
+            found, self.matched = True, self.matched + 1
+            blocked = self.blocked(row, side).repeat(1, tokens // len(row.text))
+            bias[index, 0] = torch.where(blocked, float("-inf"), 0.0)
+        return bias if found else None
+
+    def blocked(self, row: _Row, side: int) -> torch.Tensor:
+        """(pixels, tokens) True where a pixel of a `side` x `side` grid may not attend to a token. Never a whole
+        pixel's row: the start token and the words outside the phrases stay open, in strict mode the start token."""
+        cover = F.adaptive_avg_pool2d(row.masks[:, None], side).reshape(len(row.phrases), -1)
+        own = cover > COVER
+        own[torch.arange(len(row.phrases)), cover.argmax(1)] = True
+        pixels, tokens = own.shape[1], len(row.text)
+        blocked = torch.zeros(pixels, tokens, dtype=torch.bool)
+        for index, phrase in enumerate(row.phrases):
+            blocked[:, phrase] |= ~own[index][:, None]
+        if self.strict:
+            open_ = torch.zeros(pixels, tokens, dtype=torch.bool)
+            for index, phrase in enumerate(row.phrases):
+                open_[:, phrase] |= own[index][:, None]
+            open_[:, 0] = True
+            blocked |= own.any(0)[:, None] & ~open_
+        return blocked
+
+
+class GivenRoutingProcessor:
+    """A text cross-attention processor with the routing's bias; the processor it stands in for runs every call
+    the routing has no row for."""
+
+    def __init__(self, routing: GivenRouting, replaced):
+        self.routing = routing
+        self.replaced = replaced
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        bias = None
+        if encoder_hidden_states is not None and hidden_states.dim() == 3 and attention_mask is None:
+            bias = self.routing.bias(encoder_hidden_states, hidden_states.shape[1])
+        if bias is None:
+            return self.replaced(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        if any(getattr(attn, name, None) is not None for name in ("spatial_norm", "group_norm", "norm_cross",
+                                                                  "norm_q", "norm_k")):
+            raise ValueError("given routing: a cross-attention that normalises its inputs is not supported")
+        rows = hidden_states.shape[0]
+        query, key, value = (attn.to_q(hidden_states), attn.to_k(encoder_hidden_states),
+                             attn.to_v(encoder_hidden_states))
+        width = query.shape[-1] // attn.heads
+        query, key, value = (t.view(rows, -1, attn.heads, width).transpose(1, 2) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias.to(query))
+        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(rows, -1, attn.heads * width)))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def _text_attentions(pipe):
+    from diffusers.models.attention_processor import Attention
+
+    return [module for name, module in pipe.base.unet.named_modules()
+            if isinstance(module, Attention) and name.endswith("attn2")]
+
+
+@contextmanager
+def given(pipe, routing: GivenRouting):
+    """`pipe`'s base text cross-attentions with the routing, restored on leaving."""
+    swapped = []
+    for attn in _text_attentions(pipe):
+        # the adapter's processors wrap the base's; the routing goes in place of that base processor
+        holder = attn.processor if hasattr(attn.processor, "base_processor") else None
+        if holder is not None:
+            swapped.append((holder, "base_processor", holder.base_processor))
+            holder.base_processor = GivenRoutingProcessor(routing, holder.base_processor)
+        else:
+            swapped.append((attn, "processor", attn.processor))
+            attn.processor = GivenRoutingProcessor(routing, attn.processor)
+    try:
+        yield routing
+    finally:
+        for owner, field, processor in swapped:
+            setattr(owner, field, processor)
+
+
+def routed_generate(routing: GivenRouting):
+    """`evaluation.generate_for` with each example routed by its scene."""
+    from .evaluation import generate_for
+
+    def generate(pipe, examples, settings):
+        routing.set_examples(pipe, [e.instruction.text for e in examples], [e.scene for e in examples],
+                             examples[0].target.width)
+        with given(pipe, routing):
+            return generate_for(pipe, examples, settings)
+    return generate
+
+
+def measure(pipe, tasks, settings, evaluator, routing: GivenRouting | None) -> dict:
+    """{task: {metric: [mean, low, high]}} on the test split, routed when `routing` is given."""
+    from .evaluation import generate_for, score_task
+    from .tasks import make_split
+
+    generate = generate_for if routing is None else routed_generate(routing)
+    return {task: score_task(pipe, task, make_split(task, settings.split, settings.examples_per_task,
+                                                    seed=settings.seed), settings, evaluator, generate)
+            for task in tasks}
+
+
+def train(pipe, routing: GivenRouting | None, steps: int, work_dir: Path, train_text_encoder: bool, seed: int = 0,
+          progress=None):
+    """Fine-tune `pipe` (its base and adapter, the text encoder when asked) on `ROUTING_MIX` with the routing
+    given (None: without it, the same recipe), as the build's phases train: batch 12, 3e-4 decaying linearly
+    after 20 warm-up steps."""
+    from instruct_core.train.trainer import Trainer
+
+    from .build_default import _trainer_config
+    from .tasks import BenchmarkTaskDataset
+
+    class RoutedTrainer(Trainer):
+        def _loss(self, module, examples, seed_):
+            if routing is not None:
+                routing.set_examples(self.pipe, [e.text for e in examples],
+                                     [e.annotations.get("scene") for e in examples], self.config.data.resolution)
+            return super()._loss(module, examples, seed_)
+
+    phase = {"steps": steps, "batch_size": 12, "lr": 3e-4, "warmup_steps": min(20, steps), "lr_schedule": "linear",
+             "train_text_encoder": train_text_encoder}
+    data = BenchmarkTaskDataset(ROUTING_MIX, length=100_000, seed=seed + 8, size=pipe.native_size)
+    trainer = RoutedTrainer(_trainer_config(phase, work_dir, seed, "full"), pipe, data, progress=progress)
+    with given(pipe, routing) if routing is not None else nullcontext():
+        result = trainer.run(resume=True)
+    pipe.base.unet.requires_grad_(False)
+    pipe.base.text_encoders[0].requires_grad_(False)
+    pipe.model.eval()
+    return result
