@@ -329,7 +329,8 @@ def run_given_routing(args) -> int:
     routing = GivenRouting(strict=not args.open)
     report = {"routed": measure(pipe, tasks, settings, evaluator, routing)}
     if args.steps:
-        with Progress(args.steps, "fine-tuning with the routing given") as bar:
+        what = "fine-tuning " + ("without" if args.train_unrouted else "with") + " the routing"
+        with Progress(args.steps, what) as bar:
             train(pipe, None if args.train_unrouted else routing, args.steps, Path(args.work_dir),
                   args.train_text_encoder, progress=bar.trainer_callback)
         report = {"before": report, "after": {"routed": measure(pipe, tasks, settings, evaluator, routing),

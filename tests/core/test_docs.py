@@ -27,3 +27,21 @@ def test_the_architecture_page_names_every_module(package):
     assert modules, package
     missing = [name for name in modules if f"`{name}`" not in section]
     assert missing == [], f"docs/ARCHITECTURE.md's {package}/ table lacks {', '.join(missing)}: add a line for each"
+
+
+def _python_blocks() -> list[tuple[str, str]]:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [(page.name, block) for page in pages
+            for block in re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.DOTALL)]
+
+
+@pytest.mark.parametrize("page,block", _python_blocks(), ids=lambda value: value if value.endswith(".md") else "")
+def test_the_python_examples_import_what_exists(page, block):
+    import importlib
+
+    imports = re.findall(r"^from ([\w.]+) import ([\w, ]+)$", block, re.MULTILINE)
+    assert imports, f"{page}: a Python example without imports"
+    for module, names in imports:
+        loaded = importlib.import_module(module)
+        for name in (n.strip() for n in names.split(",")):
+            assert hasattr(loaded, name), f"{page}: {module} has no {name}"
