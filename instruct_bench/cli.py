@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument("--train-text-encoder", action="store_true", help="fine-tune the text encoder too")
     routing.add_argument("--train-unrouted", action="store_true",
                          help="fine-tune without the routing (the same recipe: what the routing adds to it)")
+    routing.add_argument("--routed-share", type=float, default=1.0,
+                         help="route this share of the fine-tuning examples (the rest place objects from the text)")
     routing.add_argument("--open", action="store_true",
                          help="leave the words outside the objects' phrases open to every pixel (default: an "
                               "object's pixels read only their own phrase and the start token)")
@@ -322,6 +324,8 @@ def run_given_routing(args) -> int:
     check_at_most("--steps", args.steps, 1_000_000)
     check_at_least("--examples", args.examples, 1)
     check_at_most("--examples", args.examples, 10_000)
+    if not 0.0 <= args.routed_share <= 1.0:
+        raise UsageError(f"--routed-share: {args.routed_share} is not a share in [0, 1]")
     tasks = benchmark_tasks(args.tasks)
     evaluator = load_evaluator()
     settings = EvalSettings(examples_per_task=args.examples)
@@ -332,7 +336,7 @@ def run_given_routing(args) -> int:
         what = "fine-tuning " + ("without" if args.train_unrouted else "with") + " the routing"
         with Progress(args.steps, what) as bar:
             train(pipe, None if args.train_unrouted else routing, args.steps, Path(args.work_dir),
-                  args.train_text_encoder, progress=bar.trainer_callback)
+                  args.train_text_encoder, progress=bar.trainer_callback, routed_share=args.routed_share)
         report = {"before": report, "after": {"routed": measure(pipe, tasks, settings, evaluator, routing),
                                               "unrouted": measure(pipe, tasks, settings, evaluator, None)}}
     print(json.dumps(report, indent=1))

@@ -197,10 +197,13 @@ def measure(pipe, tasks, settings, evaluator, routing: GivenRouting | None) -> d
 
 
 def train(pipe, routing: GivenRouting | None, steps: int, work_dir: Path, train_text_encoder: bool, seed: int = 0,
-          progress=None):
+          progress=None, routed_share: float = 1.0):
     """Fine-tune `pipe` (its base and adapter, the text encoder when asked) on `ROUTING_MIX` with the routing
     given (None: without it, the same recipe), as the build's phases train: batch 12, 3e-4 decaying linearly
-    after 20 warm-up steps."""
+    after 20 warm-up steps. `routed_share` < 1 routes that share of the examples (drawn per step, seeded), so the
+    rest still learn to place objects from the text alone."""
+    if not 0.0 <= routed_share <= 1.0:
+        raise ValueError(f"routed_share: expected a share in [0, 1], got {routed_share}")
     from instruct_core.train.trainer import Trainer
 
     from .build_default import _trainer_config
@@ -209,8 +212,10 @@ def train(pipe, routing: GivenRouting | None, steps: int, work_dir: Path, train_
     class RoutedTrainer(Trainer):
         def _loss(self, module, examples, seed_):
             if routing is not None:
+                routed = np.random.default_rng([seed, self.step]).random(len(examples)) < routed_share
                 routing.set_examples(self.pipe, [e.text for e in examples],
-                                     [e.annotations.get("scene") for e in examples], self.config.data.resolution)
+                                     [e.annotations.get("scene") if r else None for e, r in zip(examples, routed)],
+                                     self.config.data.resolution)
             return super()._loss(module, examples, seed_)
 
     phase = {"steps": steps, "batch_size": 12, "lr": 3e-4, "warmup_steps": min(20, steps), "lr_schedule": "linear",

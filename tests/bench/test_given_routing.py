@@ -124,8 +124,8 @@ def test_benchmark_training_examples_carry_their_scene_to_the_trainer():
     assert tensors.annotations["scene"] == dataset.example(1).scene
 
 
-@pytest.mark.parametrize("routed", [True, False])
-def test_training_with_the_routing_routes_its_batches_and_trains_the_text_encoder(tmp_path, routed):
+@pytest.mark.parametrize("routed,share", [(True, 1.0), (True, 0.0), (False, 1.0)])
+def test_training_with_the_routing_routes_its_batches_and_trains_the_text_encoder(tmp_path, routed, share):
     from instruct_bench.given_routing import train
 
     pipe = _fresh_default_pipe()
@@ -134,9 +134,10 @@ def test_training_with_the_routing_routes_its_batches_and_trains_the_text_encode
     processors = [getattr(m.processor, "base_processor", None) for m in pipe.base.unet.modules()
                   if isinstance(m, Attention)]
     routing = GivenRouting()
-    result = train(pipe, routing if routed else None, 2, tmp_path / "run", train_text_encoder=True)
+    result = train(pipe, routing if routed else None, 2, tmp_path / "run", train_text_encoder=True,
+                   routed_share=share)
     assert result.step == 2 and all(np.isfinite(result.losses))
-    assert (routing.matched > 0) == routed
+    assert (routing.matched > 0) == (routed and share > 0)
     assert processors == [getattr(m.processor, "base_processor", None) for m in pipe.base.unet.modules()
                           if isinstance(m, Attention)]
     assert any(not torch.equal(value, start[name]) for name, value in encoder.state_dict().items())
@@ -149,6 +150,8 @@ def test_given_routing_refuses_bad_arguments_before_loading(capsys):
     assert main(["given-routing", "--tasks", "text_to_image,colouring"]) == 2
     assert "colouring" in capsys.readouterr().err
     assert main(["given-routing", "--examples", "0"]) == 2
+    assert main(["given-routing", "--routed-share", "1.5"]) == 2
+    assert "--routed-share" in capsys.readouterr().err
 
 
 @needs_evaluator
