@@ -66,10 +66,10 @@ class GivenRouting:
         self.rows: list[_Row] = []
         self.matched = 0
 
-    def set_examples(self, pipe, texts: list[str], scenes_: list, size: int) -> int:
+    def set_examples(self, pipe, texts: list[str], scene_list: list, size: int) -> int:
         """Route the rows that encode each of `texts` by its scene (None: not routed); returns how many are."""
         self.rows = []
-        for text, scene in zip(texts, scenes_):
+        for text, scene in zip(texts, scene_list):
             plain = [index for index, obj in enumerate(scene.objects) if obj.subject is None] if scene else []
             phrases = phrase_tokens(pipe, text, [scene.objects[i] for i in plain]) if text and plain else None
             if phrases is None:
