@@ -457,6 +457,21 @@ def test_filler_words_come_before_the_text_at_their_rate():
     assert add_filler_words(unconditional, rng, words, 1.0, 4) is unconditional
 
 
+def test_an_example_s_annotations_reach_the_loss_through_filler_words_and_batches(tmp_path):
+    from instruct_core.train.trainer import example_to_tensors
+
+    marks = {"boxes": [(1, 2, 3, 4)]}
+    example = TrainingExample(MultiModalInstruction(text="a red square", contexts=[]), Image.new("RGB", (8, 8)),
+                              "text_to_image", annotations=marks)
+    worded = add_filler_words(example, np.random.default_rng(0), ("zz",), 1.0, 2)
+    assert worded.instruction.text.startswith("zz ") and worded.annotations is marks
+    assert example_to_tensors(worded, 8).annotations is marks
+    assert example_to_tensors(TrainingExample(example.instruction, example.target, "x"), 8).annotations == {}
+    config = _config(tmp_path, 2, "benchmark", steps=1, batch_size=3, p_filler_words=1.0, max_filler_words=2)
+    batch = StepBatches([example] * 4, config, words=("zz",))[0]
+    assert len(batch) == 3 and all(e.annotations is marks for e in batch)
+
+
 def test_step_batches_put_filler_words_before_the_benchmark_texts(tmp_path):
     from instruct_bench.tasks import BenchmarkTaskDataset
 
