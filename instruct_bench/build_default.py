@@ -289,7 +289,7 @@ def _lr_schedule(phase: dict) -> str:
     return phase.get("lr_schedule", OptimConfig.lr_schedule)
 
 
-def _trainer_config(phase: dict, output_dir: Path, seed: int, train_base: str):
+def phase_trainer_config(phase: dict, output_dir: Path, seed: int, train_base: str):
     from instruct_core.train.config import config_from_dict
 
     return config_from_dict({
@@ -349,7 +349,7 @@ def build(folder: Path = DEFAULT_DIR, work_dir: Path = Path("runs/default_model"
         else:
             dataset = instruction_dataset(phase, settings, seed)
             train_base = settings.get("train_base", "adapter")
-        config = _trainer_config(settings, work_dir / phase, seed, train_base)
+        config = phase_trainer_config(settings, work_dir / phase, seed, train_base)
         bar = progress(phase, settings["steps"])
         trainer = Trainer(config, pipe, dataset, progress=bar.trainer_callback)
         later_runs = [work_dir / name / RUN_RECORD for name in TRAINING_PHASES[TRAINING_PHASES.index(phase) + 1:]]
@@ -543,7 +543,7 @@ def build_ablations(variants=("no_stage1", "single:edge_to_image", "single:subje
             train_base = settings.get("train_base", "adapter")
             trains_base |= train_base != "adapter"
             bar = progress(run_name, settings["steps"])
-            trainer = Trainer(_trainer_config(settings, work_dir / run_name, seed, train_base), pipe,
+            trainer = Trainer(phase_trainer_config(settings, work_dir / run_name, seed, train_base), pipe,
                               instruction_dataset(phase, settings, seed), progress=bar.trainer_callback)
             claim_work_dir(trainer.checkpoint_dir, run_identity(run_name, settings, seed, pipe, train_base))
             with bar:

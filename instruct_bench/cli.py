@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "object's pixels read only their own phrase and the start token)")
     routing.add_argument("--tasks", default=",".join(GIVEN_ROUTING_TASKS), help="comma-separated task names")
     routing.add_argument("--examples", type=int, default=48, help="test examples per task")
-    routing.add_argument("--work-dir", default="runs/given_routing", help="checkpoints (a rerun resumes them)")
+    routing.add_argument("--work-dir", default="runs/given_routing",
+                         help="checkpoints, in a folder named after the settings (a rerun of the same resumes them)")
 
     demo = commands.add_parser("demo", help="one image per benchmark task, beside its instruction, contexts and "
                                             "ground truth, and a contact sheet")
@@ -326,6 +327,8 @@ def run_given_routing(args) -> int:
     check_at_most("--examples", args.examples, 10_000)
     if not 0.0 <= args.routed_share <= 1.0:
         raise UsageError(f"--routed-share: {args.routed_share} is not a share in [0, 1]")
+    if args.train_unrouted and args.routed_share != 1.0:
+        raise UsageError("--routed-share: fine-tuning with --train-unrouted routes no example")
     tasks = benchmark_tasks(args.tasks)
     evaluator = load_evaluator()
     settings = EvalSettings(examples_per_task=args.examples)
@@ -334,11 +337,15 @@ def run_given_routing(args) -> int:
     report = {"routed": measure(pipe, tasks, settings, evaluator, routing)}
     if args.steps:
         what = "fine-tuning " + ("without" if args.train_unrouted else "with") + " the routing"
+        # another setting is another run, never a continuation of this one
+        run = (f"{args.steps}-{'unrouted' if args.train_unrouted else f'routed{args.routed_share:g}'}-"
+               f"{'open' if args.open else 'strict'}-{'encoder' if args.train_text_encoder else 'frozen'}")
         with Progress(args.steps, what) as bar:
-            train(pipe, None if args.train_unrouted else routing, args.steps, Path(args.work_dir),
+            train(pipe, None if args.train_unrouted else routing, args.steps, Path(args.work_dir) / run,
                   args.train_text_encoder, progress=bar.trainer_callback, routed_share=args.routed_share)
         report = {"before": report, "after": {"routed": measure(pipe, tasks, settings, evaluator, routing),
                                               "unrouted": measure(pipe, tasks, settings, evaluator, None)}}
+    report["routed_rows"] = routing.matched  # cross-attention rows the routing reached, training included
     print(json.dumps(report, indent=1))
     return 0
 

@@ -27,7 +27,7 @@ from . import scenes
 
 # An object's own pixels at an attention layer's resolution: cells it covers by more than this share, and always
 # the cell it covers most, so a small object keeps a cell on the coarsest grid.
-COVER = 0.3
+OWN_CELL_COVER = 0.3
 
 # The fine-tuning mix: every task that names colours, with a share of the others so they are not forgotten
 ROUTING_MIX = {"text_to_image": 0.20, "mask_to_image": 0.12, "edge_to_image": 0.10, "sketch_to_image": 0.08,
@@ -67,17 +67,26 @@ class GivenRouting:
         self.matched = 0
 
     def set_examples(self, pipe, texts: list[str], scene_list: list, size: int) -> int:
-        """Route the rows that encode each of `texts` by its scene (None: not routed); returns how many are."""
+        """Route the rows that encode each of `texts` by its scene (None: not routed); returns how many are. A
+        text that two examples share is routed only when both give it the same masks: rows are told apart by
+        their text alone."""
         self.rows = []
+        by_text: dict[str, list] = {}
         for text, scene in zip(texts, scene_list):
+            by_text.setdefault(text, []).append(scene)
+        for text, shared in by_text.items():
+            scene = shared[0]
             plain = [index for index, obj in enumerate(scene.objects) if obj.subject is None] if scene else []
             phrases = phrase_tokens(pipe, text, [scene.objects[i] for i in plain]) if text and plain else None
             if phrases is None:
                 continue
+            masks = [scenes.layout(s, size).object_masks[plain] if s is not None and len(s.objects) == len(
+                scene.objects) else None for s in shared]
+            if any(m is None or not np.array_equal(m, masks[0]) for m in masks):
+                continue
             with torch.no_grad():
                 encoded = pipe.encode_text([text])[0][0].float().cpu()
-            masks = torch.from_numpy(scenes.layout(scene, size).object_masks[plain].astype(np.float32))
-            self.rows.append(_Row(encoded, phrases, masks))
+            self.rows.append(_Row(encoded, phrases, torch.from_numpy(masks[0].astype(np.float32))))
         return len(self.rows)
 
     def bias(self, context: torch.Tensor, pixels: int) -> torch.Tensor | None:
@@ -85,11 +94,14 @@ class GivenRouting:
         when none of its rows is one of ours."""
         rows, tokens = context.shape[:2]
         side = int(round(pixels ** 0.5))
+        if side * side != pixels:
+            raise ValueError(f"given routing: {pixels} query tokens are not a square grid")
         bias, found = torch.zeros(rows, 1, pixels, tokens), False
         text = context.detach().float().cpu()
         for index in range(rows):
+            # guidance repeats a shorter text to the batch's length (`guidance.cat_text`)
             row = next((r for r in self.rows if tokens % len(r.text) == 0
-                        and torch.equal(text[index, :len(r.text)], r.text)), None)
+                        and torch.equal(text[index], r.text.repeat(tokens // len(r.text), 1))), None)
             if row is None:
                 continue
             found, self.matched = True, self.matched + 1
@@ -101,18 +113,18 @@ class GivenRouting:
         """(pixels, tokens) True where a pixel of a `side` x `side` grid may not attend to a token. Never a whole
         pixel's row: the start token and the words outside the phrases stay open, in strict mode the start token."""
         cover = F.adaptive_avg_pool2d(row.masks[:, None], side).reshape(len(row.phrases), -1)
-        own = cover > COVER
+        own = cover > OWN_CELL_COVER
         own[torch.arange(len(row.phrases)), cover.argmax(1)] = True
         pixels, tokens = own.shape[1], len(row.text)
         blocked = torch.zeros(pixels, tokens, dtype=torch.bool)
         for index, phrase in enumerate(row.phrases):
             blocked[:, phrase] |= ~own[index][:, None]
         if self.strict:
-            open_ = torch.zeros(pixels, tokens, dtype=torch.bool)
+            open_tokens = torch.zeros(pixels, tokens, dtype=torch.bool)
             for index, phrase in enumerate(row.phrases):
-                open_[:, phrase] |= own[index][:, None]
-            open_[:, 0] = True
-            blocked |= own.any(0)[:, None] & ~open_
+                open_tokens[:, phrase] |= own[index][:, None]
+            open_tokens[:, 0] = True
+            blocked |= own.any(0)[:, None] & ~open_tokens
         return blocked
 
 
@@ -178,10 +190,14 @@ def routed_generate(routing: GivenRouting):
     from .evaluation import generate_for
 
     def generate(pipe, examples, settings):
-        routing.set_examples(pipe, [e.instruction.text for e in examples], [e.scene for e in examples],
-                             examples[0].target.width)
+        routed = routing.set_examples(pipe, [e.instruction.text for e in examples], [e.scene for e in examples],
+                                      examples[0].target.width)
+        matched = routing.matched
         with given(pipe, routing):
-            return generate_for(pipe, examples, settings)
+            images = generate_for(pipe, examples, settings)
+        if routed and routing.matched == matched:
+            raise RuntimeError("given routing: no cross-attention row was recognised as an example's text")
+        return images
     return generate
 
 
@@ -206,24 +222,30 @@ def train(pipe, routing: GivenRouting | None, steps: int, work_dir: Path, train_
         raise ValueError(f"routed_share: expected a share in [0, 1], got {routed_share}")
     from instruct_core.train.trainer import Trainer
 
-    from .build_default import _trainer_config
+    from .build_default import phase_trainer_config
     from .tasks import BenchmarkTaskDataset
 
+    batches = []  # those this run trained on (none when a finished run is resumed)
+
     class RoutedTrainer(Trainer):
-        def _loss(self, module, examples, seed_):
+        def _loss(self, module, examples, sample_seed):
+            batches.append(len(examples))
             if routing is not None:
                 routed = np.random.default_rng([seed, self.step]).random(len(examples)) < routed_share
                 routing.set_examples(self.pipe, [e.text for e in examples],
                                      [e.annotations.get("scene") if r else None for e, r in zip(examples, routed)],
                                      self.config.data.resolution)
-            return super()._loss(module, examples, seed_)
+            return super()._loss(module, examples, sample_seed)
 
     phase = {"steps": steps, "batch_size": 12, "lr": 3e-4, "warmup_steps": min(20, steps), "lr_schedule": "linear",
              "train_text_encoder": train_text_encoder}
     data = BenchmarkTaskDataset(ROUTING_MIX, length=100_000, seed=seed + 8, size=pipe.native_size)
-    trainer = RoutedTrainer(_trainer_config(phase, work_dir, seed, "full"), pipe, data, progress=progress)
+    trainer = RoutedTrainer(phase_trainer_config(phase, work_dir, seed, "full"), pipe, data, progress=progress)
+    matched = 0 if routing is None else routing.matched
     with given(pipe, routing) if routing is not None else nullcontext():
         result = trainer.run(resume=True)
+    if routing is not None and routed_share > 0 and batches and routing.matched == matched:
+        raise RuntimeError("given routing: no training row was recognised as an example's text")
     pipe.base.unet.requires_grad_(False)
     pipe.base.text_encoders[0].requires_grad_(False)
     pipe.model.eval()

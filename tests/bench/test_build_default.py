@@ -362,9 +362,9 @@ def test_a_model_saved_again_keeps_its_own_architecture(built, tmp_path):
 
 
 def test_a_phase_passes_its_filler_words_to_the_trainer(tmp_path):
-    config = dm._trainer_config(dm.RECIPE["stage2_wording"], tmp_path, 0, "full")
+    config = dm.phase_trainer_config(dm.RECIPE["stage2_wording"], tmp_path, 0, "full")
     assert (config.train.p_filler_words, config.train.max_filler_words) == (0.5, 8)
-    assert dm._trainer_config(dm.RECIPE["stage2_subjects"], tmp_path, 0, "full").train.p_filler_words == 0
+    assert dm.phase_trainer_config(dm.RECIPE["stage2_subjects"], tmp_path, 0, "full").train.p_filler_words == 0
 
 
 def test_a_variant_on_the_pretrained_text_encoder_names_it_rather_than_storing_it(built, tmp_path):

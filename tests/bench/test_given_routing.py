@@ -41,11 +41,11 @@ def _first_text_attention(pipe) -> Attention:
     return next(m for name, m in pipe.base.unet.named_modules() if isinstance(m, Attention) and name.endswith("attn2"))
 
 
-def _object_cells(scene, side: int) -> np.ndarray:
-    """(objects, side*side) True where an object covers more than half a cell of a side x side grid."""
+def _object_cover(scene, side: int) -> np.ndarray:
+    """(objects, side*side): the share of each cell of a side x side grid that each object covers."""
     masks = scenes.layout(scene, 32).object_masks.astype(np.float32)
     block = 32 // side
-    return (masks.reshape(len(masks), side, block, side, block).mean((2, 4)) > 0.5).reshape(len(masks), -1)
+    return masks.reshape(len(masks), side, block, side, block).mean((2, 4)).reshape(len(masks), -1)
 
 
 def test_phrase_tokens_hold_each_object_s_words(pipe, two_objects):
@@ -75,21 +75,34 @@ def test_an_object_s_pixels_attend_as_if_the_other_phrase_were_not_there(pipe, t
         free = stock(attn, hidden, context)
     assert routing.matched == 1
     phrases = phrase_tokens(pipe, text, scene.objects)
-    cells = _object_cells(scene, side)
+    cover = _object_cover(scene, side)
     tokens = range(context.shape[1])
     for own, other in ((0, 1), (1, 0)):
-        pixel = int(np.flatnonzero(cells[own] & ~cells[other])[0])
+        pixel = int(np.flatnonzero((cover[own] > 0.5) & (cover[other] == 0))[0])  # one object's alone
         open_tokens = ([t for t in tokens if t == 0 or t in phrases[own]] if strict else
                        [t for t in tokens if t not in phrases[other]])
         with torch.no_grad():  # diffusers' own attention over the open tokens only
             expected = stock(attn, hidden[:, pixel:pixel + 1], context[:, open_tokens])
         torch.testing.assert_close(routed[:, pixel], expected[:, 0], rtol=1e-4, atol=1e-5)
         assert not torch.allclose(routed[:, pixel], free[:, pixel], atol=1e-4)
-    background = int(np.flatnonzero(~cells.any(0))[0])  # reads neither phrase, in both modes
+    background = int(np.flatnonzero(cover.max(0) == 0)[0])  # reads neither phrase, in both modes
     with torch.no_grad():
         expected = stock(attn, hidden[:, background:background + 1],
                          context[:, [t for t in tokens if t not in phrases[0] + phrases[1]]])
     torch.testing.assert_close(routed[:, background], expected[:, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_text_two_examples_give_different_masks_is_not_routed(pipe, two_objects):
+    from dataclasses import replace
+
+    text, scene = two_objects.instruction.text, two_objects.scene
+    moved = replace(scene, objects=tuple(replace(o, position=(abs(o.position[0] - 0.1), o.position[1]))
+                                         for o in scene.objects))
+    assert not np.array_equal(scenes.layout(moved, 32).object_masks, scenes.layout(scene, 32).object_masks)
+    routing = GivenRouting()
+    assert routing.set_examples(pipe, [text, text], [scene, scene], 32) == 1
+    assert routing.set_examples(pipe, [text, text], [scene, None], 32) == 0  # one of the two is not routed
+    assert routing.set_examples(pipe, [text, text], [scene, moved], 32) == 0
 
 
 def test_rows_it_does_not_know_pass_through_unchanged(pipe, two_objects):
@@ -152,11 +165,14 @@ def test_given_routing_refuses_bad_arguments_before_loading(capsys):
     assert main(["given-routing", "--examples", "0"]) == 2
     assert main(["given-routing", "--routed-share", "1.5"]) == 2
     assert "--routed-share" in capsys.readouterr().err
+    assert main(["given-routing", "--routed-share", "0.5", "--train-unrouted"]) == 2
+    assert "--train-unrouted" in capsys.readouterr().err
 
 
 @needs_evaluator
 def test_given_routing_reports_the_bundled_model_routed(capsys):
     assert main(["given-routing", "--steps", "0", "--examples", "2", "--tasks", "text_to_image"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["routed_rows"] > 0
     colour = report["routed"]["text_to_image"]["colour"]
     assert len(colour) == 3 and 0.0 <= colour[1] <= colour[0] <= colour[2] <= 1.0

@@ -467,6 +467,10 @@ def test_an_example_s_annotations_reach_the_loss_through_filler_words_and_batche
     assert worded.instruction.text.startswith("zz ") and worded.annotations is marks
     assert example_to_tensors(worded, 8).annotations is marks
     assert example_to_tensors(TrainingExample(example.instruction, example.target, "x"), 8).annotations == {}
+    from instruct_core.train.retrieval import apply_condition_dropout
+
+    dropped = apply_condition_dropout(worded, np.random.default_rng(0), p_drop_all=1.0, p_drop_context=0.0)
+    assert dropped.instruction.text == "" and dropped.annotations is marks
     config = _config(tmp_path, 2, "benchmark", steps=1, batch_size=3, p_filler_words=1.0, max_filler_words=2)
     batch = StepBatches([example] * 4, config, words=("zz",))[0]
     assert len(batch) == 3 and all(e.annotations is marks for e in batch)
