@@ -280,17 +280,14 @@ def _word_positions(pipe, text: str, objects) -> dict[str, list[int]] | None:
     object's own phrase (a template's or the background's colour words come before it); None when a phrase or
     word is not found or the encoder's window cuts it off."""
     found: dict[str, list[int]] = {kind: [] for kind in ROUTED_WORDS}
-    search_from = 0
-    for obj in objects:
-        phrase = f"{scenes.object_phrase(obj)} {obj.where}"
-        phrase_at = text.find(phrase, search_from)
-        if phrase_at < 0:
-            return None
-        search_from = phrase_at + 1
+    spans = scenes.find_placed_phrases(text, objects)
+    if spans is None:
+        return None
+    for obj, (phrase_at, phrase_end) in zip(objects, spans):
         words = {"colour": obj.colour, "shape": obj.shape, "place": obj.where.split()[-1]}
         word_from = phrase_at
         for kind in ROUTED_WORDS:
-            at = _whole_word(text, words[kind], word_from, phrase_at + len(phrase))
+            at = _whole_word(text, words[kind], word_from, phrase_end)
             positions = pipe.token_positions(text, at, at + len(words[kind])) if at >= 0 else []
             if not positions:
                 return None

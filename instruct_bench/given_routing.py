@@ -16,7 +16,7 @@ routing given or not: `python -m instruct_bench given-routing`.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,16 +38,9 @@ ROUTING_MIX = {"text_to_image": 0.20, "mask_to_image": 0.12, "edge_to_image": 0.
 def phrase_tokens(pipe, text: str, objects) -> list[list[int]] | None:
     """Where the encoded `text` holds each object's phrase (`InstructImagen.token_positions`); None when one is
     not found or the encoder's window cuts it off."""
-    found, search_from = [], 0
-    for obj in objects:
-        phrase = f"{scenes.object_phrase(obj)} {obj.where}"
-        at = text.find(phrase, search_from)
-        positions = pipe.token_positions(text, at, at + len(phrase)) if at >= 0 else []
-        if not positions:
-            return None
-        found.append(positions)
-        search_from = at + len(phrase)
-    return found
+    spans = scenes.find_placed_phrases(text, objects)
+    found = [pipe.token_positions(text, start, end) for start, end in spans or []]
+    return found if spans is not None and all(found) else None
 
 
 @dataclass
@@ -55,6 +48,8 @@ class _Row:
     text: torch.Tensor          # (tokens, channels) float32: the encoded text it is recognised by
     phrases: list[list[int]]    # token indices of each object's phrase
     masks: torch.Tensor         # (objects, size, size) float32
+    # `blocked` per grid side: every layer at that side, at every sampling step, asks for the same one
+    blocked_at: dict = field(default_factory=dict)
 
 
 class GivenRouting:
@@ -105,7 +100,9 @@ class GivenRouting:
             if row is None:
                 continue
             found, self.matched = True, self.matched + 1
-            blocked = self.blocked(row, side).repeat(1, tokens // len(row.text))
+            if side not in row.blocked_at:
+                row.blocked_at[side] = self.blocked(row, side)
+            blocked = row.blocked_at[side].repeat(1, tokens // len(row.text))
             bias[index, 0] = torch.where(blocked, float("-inf"), 0.0)
         return bias if found else None
 

@@ -67,9 +67,11 @@ __all__ = [
     "Style",
     "Subject",
     "caption",
+    "find_placed_phrases",
     "edge_pixels",
     "layout",
     "object_phrase",
+    "placed_phrase",
     "overlaps",
     "position_phrase",
     "render",
@@ -1074,6 +1076,25 @@ def object_phrase(obj: SceneObject, marker: str | None = None) -> str:
     return f"a {obj.size} {_PATTERN_WORDS[obj.pattern]}{obj.colour} {obj.shape}"
 
 
+def placed_phrase(obj: SceneObject, marker: str | None = None) -> str:
+    """An object as captions name it, with its place: "a large red circle on the left"."""
+    return f"{object_phrase(obj, marker)} {obj.where}"
+
+
+def find_placed_phrases(text: str, objects) -> list[tuple[int, int]] | None:
+    """(start, end) in `text` of each object's `placed_phrase`, each after the one before; None when one is
+    missing."""
+    spans, search_from = [], 0
+    for obj in objects:
+        phrase = placed_phrase(obj)
+        at = text.find(phrase, search_from)
+        if at < 0:
+            return None
+        spans.append((at, at + len(phrase)))
+        search_from = at + len(phrase)
+    return spans
+
+
 def caption(scene: Scene, template_rng: np.random.Generator | None = None,
             markers: Mapping[int, str] | None = None) -> str:
     """A one-line description; `markers` maps object indices to "[ref#k]" to name subjects by.
@@ -1082,7 +1103,7 @@ def caption(scene: Scene, template_rng: np.random.Generator | None = None,
     Styles are never named: a style comes from its reference image.
     """
     markers = markers or {}
-    phrases = [f"{object_phrase(o, markers.get(i))} {o.where}" for i, o in enumerate(scene.objects)]
+    phrases = [placed_phrase(o, markers.get(i)) for i, o in enumerate(scene.objects)]
     objects = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     background = _BACKGROUND_WORDS[scene.background.pattern].format(c=scene.background.colour)
     index = 0 if template_rng is None else int(template_rng.integers(len(CAPTION_TEMPLATES)))
