@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     from instruct_core.guidance import GuidanceConfig
     from instruct_core.models import DEFAULT_TEXT_SCALE
 
+    from .given_routing import ROUTING_MASKS
+
     parser = argparse.ArgumentParser(prog="python -m instruct_bench", description="The Instruct-Imagen harness: "
                                      "builds the bundled model, evaluates it on the procedural benchmark and "
                                      "measures speed.")
@@ -102,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument("--open", action="store_true",
                          help="leave the words outside the objects' phrases open to every pixel (default: an "
                               "object's pixels read only their own phrase and the start token)")
+    routing.add_argument("--masks", choices=ROUTING_MASKS, default="whole",
+                         help="an object's pixels: its whole silhouette (both phrases open where two objects "
+                              "overlap) or where it is seen (the nearer object owns the overlap)")
     routing.add_argument("--tasks", default=",".join(GIVEN_ROUTING_TASKS), help="comma-separated task names")
     routing.add_argument("--examples", type=int, default=48, help="test examples per task")
     routing.add_argument("--work-dir", default="runs/given_routing",
@@ -333,13 +338,14 @@ def run_given_routing(args) -> int:
     evaluator = load_evaluator()
     settings = EvalSettings(examples_per_task=args.examples)
     pipe = variant_pipe("full")
-    routing = GivenRouting(strict=not args.open)
+    routing = GivenRouting(strict=not args.open, masks=args.masks)
     report = {"routed": measure(pipe, tasks, settings, evaluator, routing)}
     if args.steps:
         what = "fine-tuning " + ("without" if args.train_unrouted else "with") + " the routing"
         # another setting is another run, never a continuation of this one
         run = (f"{args.steps}-{'unrouted' if args.train_unrouted else f'routed{args.routed_share:g}'}-"
-               f"{'open' if args.open else 'strict'}-{'encoder' if args.train_text_encoder else 'frozen'}")
+               f"{'open' if args.open else 'strict'}-{'encoder' if args.train_text_encoder else 'frozen'}"
+               f"{'-shown' if args.masks == 'shown' else ''}")
         with Progress(args.steps, what) as bar:
             train(pipe, None if args.train_unrouted else routing, args.steps, Path(args.work_dir) / run,
                   args.train_text_encoder, progress=bar.trainer_callback, routed_share=args.routed_share)

@@ -4,7 +4,9 @@ A diagnosis of what limits the named colours (docs/RESULTS.md), not a way to sam
 object masks. Each object's pixels may attend only to their own object's phrase ("a large orange diamond on the
 left") among the objects' phrases, and the background to none of them. `strict` also closes every other token
 (the words between the phrases, the end and padding tokens, which a causal encoder fills with every phrase
-before them) to an object's pixels, leaving them their own phrase and the start token.
+before them) to an object's pixels, leaving them their own phrase and the start token. An object's pixels are
+its whole silhouette (`masks="whole"`: where two objects overlap, both phrases are open) or only where it is
+seen (`masks="shown"`: the nearer object owns the overlap, as the depth map shows it).
 
 The routing is an additive bias on the base UNet's text cross-attention, put in through the diffusers attention
 processors the adapter wraps; the rows it applies to are recognised by their encoded text, so guidance's
@@ -28,6 +30,9 @@ from . import scenes
 # An object's own pixels at an attention layer's resolution: cells it covers by more than this share, and always
 # the cell it covers most, so a small object keeps a cell on the coarsest grid.
 OWN_CELL_COVER = 0.3
+
+# Which pixels are an object's own: its whole silhouette, or where it is seen
+ROUTING_MASKS = ("whole", "shown")
 
 # The fine-tuning mix: every task that names colours, with a share of the others so they are not forgotten
 ROUTING_MIX = {"text_to_image": 0.20, "mask_to_image": 0.12, "edge_to_image": 0.10, "sketch_to_image": 0.08,
@@ -56,8 +61,11 @@ class GivenRouting:
     """The routing of the examples in hand. `set_examples` replaces them; `matched` counts the rows of
     cross-attention calls the routing was applied to (to tell it reached the model)."""
 
-    def __init__(self, strict: bool = True):
+    def __init__(self, strict: bool = True, masks: str = "whole"):
+        if masks not in ROUTING_MASKS:
+            raise ValueError(f"given routing: masks {masks!r} is not one of {', '.join(ROUTING_MASKS)}")
         self.strict = strict
+        self.masks = masks
         self.rows: list[_Row] = []
         self.matched = 0
 
@@ -75,7 +83,7 @@ class GivenRouting:
             phrases = phrase_tokens(pipe, text, [scene.objects[i] for i in plain]) if text and plain else None
             if phrases is None:
                 continue
-            masks = [scenes.layout(s, size).object_masks[plain] if s is not None and len(s.objects) == len(
+            masks = [self._object_masks(scenes.layout(s, size))[plain] if s is not None and len(s.objects) == len(
                 scene.objects) else None for s in shared]
             if any(m is None or not np.array_equal(m, masks[0]) for m in masks):
                 continue
@@ -83,6 +91,9 @@ class GivenRouting:
                 encoded = pipe.encode_text([text])[0][0].float().cpu()
             self.rows.append(_Row(encoded, phrases, torch.from_numpy(masks[0].astype(np.float32))))
         return len(self.rows)
+
+    def _object_masks(self, plan: scenes.Layout) -> np.ndarray:
+        return plan.shown_masks() if self.masks == "shown" else plan.object_masks
 
     def bias(self, context: torch.Tensor, pixels: int) -> torch.Tensor | None:
         """(rows, 1, pixels, tokens) additive attention bias for a cross-attention call over `context`; None

@@ -435,8 +435,7 @@ def _overlap_readable(scene: Scene) -> bool:
     if int((plan.object_masks[0] & plan.object_masks[1]).sum()) < OVERLAP_PIXELS:
         return False
     far = 0 if pair[0].depth > pair[1].depth else 1
-    owner = np.array([-1] + [part.object_index for part in plan.parts])
-    shown = owner[plan.labels] == far
+    shown = plan.shown_object() == far
     if shown.sum() < _FAR_VISIBLE * plan.object_masks[far].sum():
         return False
     x, y = _grid(32)
@@ -701,6 +700,15 @@ class Layout:
     parts: tuple[_Part, ...]
     object_masks: np.ndarray
     labels_fine: np.ndarray  # the same at SUPERSAMPLE x size
+
+    def shown_object(self) -> np.ndarray:
+        """(size, size) int: the index of the object each pixel shows (the nearer one where two overlap), -1 on
+        the background."""
+        return np.array([-1] + [part.object_index for part in self.parts])[self.labels]
+
+    def shown_masks(self) -> np.ndarray:
+        """(objects, size, size) bool: the pixels where each object is seen, what a depth map shows of it."""
+        return self.shown_object()[None] == np.arange(len(self.object_masks))[:, None, None]
 
 
 @lru_cache(maxsize=256)

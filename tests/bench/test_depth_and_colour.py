@@ -65,8 +65,7 @@ def test_depth_examples_say_what_their_scene_holds(depth_examples):
         plan = scenes.layout(scene)
         for index, obj in enumerate(scene.objects):
             assert f"{scenes.object_phrase(obj)} {obj.where}" in text
-            shown = np.array([-1] + [p.object_index for p in plan.parts])[plan.labels] == index
-            assert (depth[shown] == round(255 * (1 - obj.depth))).all()
+            assert (depth[plan.shown_masks()[index]] == round(255 * (1 - obj.depth))).all()
         assert np.array_equal(np.asarray(example.target), np.asarray(scenes.render(scene)))
 
 
@@ -74,8 +73,20 @@ def test_the_farther_object_of_a_pair_stays_mostly_in_view(depth_examples):
     for example in depth_examples:
         far = 1 - _nearer_of_first_two(example.scene)
         plan = scenes.layout(example.scene)
-        shown = np.array([-1] + [p.object_index for p in plan.parts])[plan.labels] == far
-        assert shown.sum() >= 0.7 * plan.object_masks[far].sum()
+        assert plan.shown_masks()[far].sum() >= 0.7 * plan.object_masks[far].sum()
+
+
+def test_each_pixel_shows_at_most_one_object_the_nearer_where_two_overlap(depth_examples):
+    for example in depth_examples[:12]:
+        scene = example.scene
+        plan = scenes.layout(scene)
+        shown = plan.shown_masks()
+        assert shown.shape == plan.object_masks.shape and shown.sum(0).max() == 1
+        assert np.array_equal(shown.any(0), plan.shown_object() >= 0)
+        near = _nearer_of_first_two(scene)
+        overlap = plan.object_masks[0] & plan.object_masks[1]
+        assert overlap.sum() >= scenes.OVERLAP_PIXELS
+        assert shown[near][overlap].mean() > 0.9 and shown[1 - near][overlap].mean() < 0.1
 
 
 def test_other_tasks_keep_scenes_that_overlap_little():

@@ -105,6 +105,29 @@ def test_a_text_two_examples_give_different_masks_is_not_routed(pipe, two_object
     assert routing.set_examples(pipe, [text, text], [scene, moved], 32) == 0
 
 
+def test_shown_masks_give_the_overlap_to_the_nearer_object_s_phrase(pipe):
+    example = tasks.make_split("depth_to_image", "test", 1, seed=1234)[0]
+    scene, text = example.scene, example.instruction.text
+    near = 0 if scene.objects[0].depth < scene.objects[1].depth else 1
+    plan = scenes.layout(scene, 32)
+    overlap = (plan.object_masks[0] & plan.object_masks[1] & plan.shown_masks()[near]).reshape(-1)
+    apart = (plan.object_masks[1 - near] & plan.shown_masks()[1 - near] & ~plan.object_masks[near]).reshape(-1)
+    assert overlap.any() and apart.any()
+    blocked = {}
+    for masks in ("whole", "shown"):
+        routing = GivenRouting(masks=masks)
+        assert routing.set_examples(pipe, [text], [scene], 32) == 1
+        row = routing.rows[0]
+        blocked[masks] = routing.blocked(row, 32)
+        far_phrase, near_phrase = row.phrases[1 - near], row.phrases[near]
+    assert not blocked["whole"][overlap][:, far_phrase + near_phrase].any()  # both phrases open
+    assert blocked["shown"][overlap][:, far_phrase].all() and not blocked["shown"][overlap][:, near_phrase].any()
+    for masks in ("whole", "shown"):  # where only the farther object is, its phrase stays open either way
+        assert not blocked[masks][apart][:, far_phrase].any() and blocked[masks][apart][:, near_phrase].all()
+    with pytest.raises(ValueError, match="masks"):
+        GivenRouting(masks="visible")
+
+
 def test_rows_it_does_not_know_pass_through_unchanged(pipe, two_objects):
     routing = GivenRouting()
     routing.set_examples(pipe, [two_objects.instruction.text], [two_objects.scene], 32)
@@ -167,6 +190,9 @@ def test_given_routing_refuses_bad_arguments_before_loading(capsys):
     assert "--routed-share" in capsys.readouterr().err
     assert main(["given-routing", "--routed-share", "0.5", "--train-unrouted"]) == 2
     assert "--train-unrouted" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["given-routing", "--masks", "visible"])
+    assert exit_.value.code == 2 and "--masks" in capsys.readouterr().err
 
 
 @needs_evaluator
