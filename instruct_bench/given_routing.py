@@ -1,12 +1,12 @@
 """What the bundled model draws when its text cross-attention is given the routing it does not learn.
 
-A diagnosis of what limits the named colours (docs/RESULTS.md), not a way to sample: it needs each scene's
-object masks. Each object's pixels may attend only to their own object's phrase ("a large orange diamond on the
-left") among the objects' phrases, and the background to none of them. `strict` also closes every other token
-(the words between the phrases, the end and padding tokens, which a causal encoder fills with every phrase
-before them) to an object's pixels, leaving them their own phrase and the start token. An object's pixels are
-its whole silhouette (`masks="whole"`: where two objects overlap, both phrases are open) or only where it is
-seen (`masks="shown"`: the nearer object owns the overlap, as the depth map shows it).
+A diagnosis of what limits the named colours and depth order (docs/RESULTS.md), not a way to sample: it needs each
+scene's object masks. Each object's pixels may attend only to their own object's phrase ("a large orange diamond on
+the left") among the objects' phrases, and the background to none of them. `strict` also closes every other token
+(the words between the phrases, the end and padding tokens, which a causal encoder fills with every phrase before
+them) to an object's pixels, leaving them their own phrase and the start token. An object's pixels are its whole
+silhouette (`masks="whole"`: where two objects overlap, both phrases are open) or only where it is seen
+(`masks="shown"`: the nearer object owns the overlap, as the depth map shows it).
 
 The routing is an additive bias on the base UNet's text cross-attention, put in through the diffusers attention
 processors the adapter wraps; the rows it applies to are recognised by their encoded text, so guidance's
