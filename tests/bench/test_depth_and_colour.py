@@ -64,7 +64,7 @@ def test_depth_examples_say_what_their_scene_holds(depth_examples):
         assert np.array_equal(depth, np.asarray(scenes.render_depth(scene)))
         plan = scenes.layout(scene)
         for index, obj in enumerate(scene.objects):
-            assert f"{scenes.object_phrase(obj)} {obj.where}" in text
+            assert scenes.placed_phrase(obj) in text
             assert (depth[plan.shown_masks()[index]] == round(255 * (1 - obj.depth))).all()
         assert np.array_equal(np.asarray(example.target), np.asarray(scenes.render(scene)))
 

@@ -54,7 +54,7 @@ def test_phrase_tokens_hold_each_object_s_words(pipe, two_objects):
     ids = pipe.base.tokenizers[0](text, verbose=False).input_ids
     for obj, phrase in zip(two_objects.scene.objects, phrases):
         words = pipe.base.tokenizers[0].decode([ids[i] for i in phrase])
-        assert words == f"{scenes.object_phrase(obj)} {obj.where}"
+        assert words == scenes.placed_phrase(obj)
     assert phrase_tokens(pipe, text.replace(two_objects.scene.objects[1].where, "nowhere"),
                          two_objects.scene.objects) is None
 
